@@ -1,0 +1,29 @@
+"""cab-attention: curvature-aware block-sparse attention for long-context prefill.
+
+Pipeline (one module per stage): :mod:`.coarsen` -> :mod:`.score` -> :mod:`.select` (via
+:mod:`.selectors`) -> :mod:`.execute`; :mod:`.modules` holds drop-in layers, :mod:`.hf` the
+transformers integration, :mod:`.evaluate` and :mod:`.benchmark` the measurements.
+"""
+
+from .execute import BACKENDS, dense_attention, reference_attention, sparse_attention
+from .flops import estimate_flops
+from .geometry import BlockGrid
+from .modules import CABAttention, CABAttentionLayer
+from .selection import BlockSelection
+from .selectors import SELECTOR_OPTIONS, SELECTORS, select_blocks
+
+__all__ = [
+    "BACKENDS",
+    "SELECTORS",
+    "SELECTOR_OPTIONS",
+    "BlockGrid",
+    "BlockSelection",
+    "CABAttention",
+    "CABAttentionLayer",
+    "dense_attention",
+    "estimate_flops",
+    "reference_attention",
+    "select_blocks",
+    "sparse_attention",
+]
+__version__ = "0.1.0"

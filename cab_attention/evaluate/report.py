@@ -1,0 +1,103 @@
+"""What every evaluation writes: JSON, CSV, a markdown summary (plots are each evaluation's own),
+plus the statistics they share (Wilson intervals, bootstrap and paired differences)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+def wilson(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson score interval for ``correct / total`` (``(0, 1)`` when ``total == 0``)."""
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    den = 1 + z * z / total
+    mid = (p + z * z / (2 * total)) / den
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap ``(1 - alpha)`` interval of ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], **kw) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired samples with a bootstrap interval."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples must have equal length, got {len(a)} and {len(b)}")
+    return bootstrap_ci([x - y for x, y in zip(a, b)], **kw)
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and date, stamped into every result file."""
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": _dt.date.today().isoformat(),
+        "command": " ".join(["cab"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("cab") else " ".join(sys.argv),
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    rows = list(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".3f") -> str:
+    """A GitHub markdown table of ``rows``."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(path: Path, title: str, body: str, env: dict[str, Any] | None = None) -> Path:
+    env = env or environment()
+    head = f"# {title}\n\nDevice: {env['device']}; torch {env['torch']}; date {env['date']}.\nCommand: `{env['command']}`\n\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + body)
+    return path

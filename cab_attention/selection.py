@@ -1,0 +1,123 @@
+"""The result of selection: a block mask, its FlexAttention layout, and how to execute it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .geometry import BlockGrid
+
+
+@dataclass
+class BlockSelection:
+    """Kept key blocks per query block.
+
+    Attributes:
+        mask: ``[B, H, Mq, Mk]`` bool; ``H`` is the query heads, or the KV heads when ``shared_kv``.
+        kv_num_blocks: ``[B, H, Mq]`` int32, kept blocks per row.
+        kv_indices: ``[B, H, Mq, Mk]`` int32, the kept blocks of each row first, ascending.
+        grid: the block grid (lengths, heads, block size, causality, chunked-prefill alignment).
+        selector: the selector's name.
+        shared_kv: one mask per KV head instead of one per query head.
+        diagnostics: the predictor's internals when asked for (``return_diagnostics=True``).
+    """
+
+    mask: torch.Tensor
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    grid: BlockGrid
+    selector: str
+    shared_kv: bool = False
+    diagnostics: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.grid.block_size
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``[Mq, Mk]`` bool causally valid blocks."""
+        return self.grid.valid(self.mask.device)
+
+    @property
+    def density(self) -> float:
+        """Kept blocks over causally valid blocks, over all batches, heads and rows (1.0 is dense)."""
+        valid = self.valid
+        kept = (self.mask & valid).sum().item()
+        total = valid.sum().item() * self.mask.shape[0] * self.mask.shape[1]
+        return kept / total
+
+    def query_head_mask(self) -> torch.Tensor:
+        """``[B, Hq, Mq, Mk]`` bool, the mask of every query head (shared masks repeated per group)."""
+        if self.shared_kv:
+            return self.mask.repeat_interleave(self.grid.group, dim=1)
+        return self.mask
+
+    def token_mask(self) -> torch.Tensor:
+        """``[B, Hq, Nq, Nk]`` bool token-level mask (kept blocks and causality). For reference use only:
+        it is ``Nq x Nk`` per head."""
+        g = self.grid
+        bs = g.block_size
+        m = self.query_head_mask()
+        rows = torch.arange(g.q_len, device=m.device) + g.q_pad_front  # padded-query index of each query
+        cols = torch.arange(g.kv_len, device=m.device)
+        tok = m[:, :, rows // bs][..., cols // bs]
+        if g.causal:
+            tok = tok & (cols[None, :] <= (rows + g.offset - g.q_pad_front)[:, None])
+        return tok
+
+    def to_block_mask(self):
+        """FlexAttention ``BlockMask`` built from the coarse indices (never from a token mask).
+
+        Its ``BLOCK_SIZE`` is the selection block size on both axes and its query axis is the padded
+        query axis (front padding of ``grid.q_pad_front`` rows, end padding to whole blocks), so the
+        executing kernel must tile by a divisor of the block size: :mod:`cab_attention.execute` passes
+        matching ``BLOCK_M``/``BLOCK_N`` kernel options. Kept blocks strictly below the diagonal and
+        inside the keys are *full* (no mask_mod call); the diagonal block and a partial last key block
+        are *partial* and go through the causal / length ``mask_mod``.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        g = self.grid
+        m = self.query_head_mask()
+        dev = m.device
+        mk = g.num_kv_blocks
+        j = torch.arange(mk, device=dev)
+        partial = torch.zeros(g.num_q_blocks, mk, dtype=torch.bool, device=dev)
+        if g.causal:
+            partial |= j[None, :] >= g.diagonal(dev)[:, None]
+        if g.kv_len % g.block_size:
+            partial |= j[None, :] == mk - 1
+        from .select import kv_layout
+
+        part_num, part_idx = kv_layout(m & partial)
+        full_num, full_idx = kv_layout(m & ~partial)
+        return BlockMask.from_kv_blocks(
+            part_num,
+            part_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=g.block_size,
+            mask_mod=make_mask_mod(g),
+            seq_lengths=(g.num_q_blocks * g.block_size, mk * g.block_size),
+        )
+
+
+def make_mask_mod(grid: BlockGrid):
+    """Token-level mask for partial blocks: causal (with the chunked-prefill offset) and inside ``Nk``.
+
+    ``q_idx`` is the padded-query index, ``kv_idx`` the key index.
+    """
+    shift = grid.offset - grid.q_pad_front
+    kv_len = grid.kv_len
+    causal = grid.causal
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        inside = kv_idx < kv_len
+        if causal:
+            return inside & (kv_idx <= q_idx + shift)
+        return inside
+
+    return mask_mod
