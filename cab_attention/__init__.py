@@ -27,3 +27,12 @@ __all__ = [
     "sparse_attention",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The transformers integration imports transformers: load it only when asked for (``cab_attention.hf``).
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -191,6 +191,9 @@ def sparse_attention(
     if selection is None:
         selection = select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=causal, **options)
     else:
+        extra = sorted(set(options) - {"scale"})
+        if extra:
+            raise ValueError(f"selector options {extra} have no effect with a given selection; pass them to select_blocks")
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be True or False, got {causal!r}")
         _check_selection(selection, q, k, block_size, causal)
