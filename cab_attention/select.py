@@ -86,8 +86,15 @@ def kv_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns:
         ``kv_num_blocks`` ``[B, H, Mq]`` int32 and ``kv_indices`` ``[B, H, Mq, Mk]`` int32: the kept key
-        blocks of each row in ascending order, then the others (ignored by FlexAttention).
+        blocks of each row in ascending order, then zeros (FlexAttention reads only the first
+        ``kv_num_blocks`` entries).
     """
+    mk = mask.shape[-1]
     num = mask.sum(-1, dtype=torch.int32)
-    idx = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    return num, idx
+    # A kept block goes to its rank among the kept blocks of its row; the others to a spare column that
+    # is cut off. A scatter instead of a sort: O(Mk) per row.
+    pos = torch.where(mask, mask.cumsum(-1) - 1, mk)
+    idx = torch.zeros(*mask.shape[:-1], mk + 1, dtype=torch.int32, device=mask.device)
+    src = torch.arange(mk, dtype=torch.int32, device=mask.device).expand_as(mask)
+    idx.scatter_(-1, pos, src)
+    return num, idx[..., :mk].contiguous()

@@ -68,7 +68,7 @@ class BlockSelection:
             tok = tok & (cols[None, :] <= (rows + g.offset - g.q_pad_front)[:, None])
         return tok
 
-    def to_block_mask(self):
+    def to_block_mask(self, for_backward: bool = False):
         """FlexAttention ``BlockMask`` built from the coarse indices (never from a token mask).
 
         Its ``BLOCK_SIZE`` is the selection block size on both axes and its query axis is the padded
@@ -76,7 +76,8 @@ class BlockSelection:
         executing kernel must tile by a divisor of the block size: :mod:`cab_attention.execute` passes
         matching ``BLOCK_M``/``BLOCK_N`` kernel options. Kept blocks strictly below the diagonal and
         inside the keys are *full* (no mask_mod call); the diagonal block and a partial last key block
-        are *partial* and go through the causal / length ``mask_mod``.
+        are *partial* and go through the causal / length ``mask_mod``. ``for_backward=True`` also builds
+        the transposed index that gradients need.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
@@ -102,6 +103,8 @@ class BlockSelection:
             BLOCK_SIZE=g.block_size,
             mask_mod=make_mask_mod(g),
             seq_lengths=(g.num_q_blocks * g.block_size, mk * g.block_size),
+            # The transposed (q-block) index is only read by the backward pass; prefill skips building it.
+            compute_q_blocks=for_backward,
         )
 
 
