@@ -11,6 +11,7 @@ ever dropped.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +60,12 @@ def check_block_size(block_size: int) -> None:
 
 
 def check_sparsity(sparsity: float) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
 
 
 def check_threshold(threshold: float) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < float(threshold) <= 1.0):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (0.0 < float(threshold) <= 1.0):
         raise ValueError(f"threshold (adaptive mode) must be a number in (0, 1], got {threshold!r}")
 
 
