@@ -20,6 +20,7 @@ in their scores.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,7 +43,7 @@ def _choice(*allowed):
 
 def _number(lo, hi, lo_open=False, hi_open=False):
     def check(name, value):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if ok:
             v = float(value)
             ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
@@ -64,7 +65,7 @@ def _integer(name, value):
 
 
 def _scale(name, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
         raise ValueError(f"{name} must be None or a positive number, got {value!r}")
 
 
@@ -75,6 +76,8 @@ COMMON_OPTIONS: dict[str, tuple[Any, Callable]] = {
     "threshold": (None, lambda n, v: v is None or check_threshold(v)),
     "scale": (None, _scale),
     "return_diagnostics": (False, _boolean),
+    # "triton": the fused Triton predictor (cab_attention.kernels; cab, magnitude, dense; fixed sparsity).
+    "impl": ("torch", _choice("torch", "triton")),
 }
 
 SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
@@ -239,8 +242,10 @@ def select_blocks(
         causal: causal block graph and attention.
         **options: ``coarsen`` (``"max_l2"``, ``"mean"``, ``"max"``), ``share_kv`` (one mask per KV head),
             ``threshold`` (adaptive mode: keep the fewest blocks whose estimated mass reaches it; then
-            ``sparsity`` is not used), ``scale`` (default ``D**-0.5``), ``return_diagnostics``, and the
-            selector's own (see :data:`SELECTOR_OPTIONS`).
+            ``sparsity`` is not used), ``scale`` (default ``D**-0.5``), ``return_diagnostics``,
+            ``impl`` (``"torch"``, or ``"triton"`` for the fused kernels of :mod:`cab_attention.kernels`:
+            ``cab``/``magnitude``/``dense``, fixed sparsity, CUDA or ``TRITON_INTERPRET=1``; ``ValueError``
+            elsewhere), and the selector's own (see :data:`SELECTOR_OPTIONS`).
 
     Returns:
         A :class:`BlockSelection`. Fewer than ``block_size`` queries give the dense selection.
@@ -251,6 +256,16 @@ def select_blocks(
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
     opts = resolve_options(selector, options)
+    # Checked here, not only in the scorer, so that a bad stride fails even where the dense path
+    # (fewer queries than one block) never calls the scorer.
+    if selector == "antidiagonal" and (opts["stride"] < 1 or block_size % opts["stride"]):
+        raise ValueError(f"stride must be a positive divisor of block_size={block_size}, got {opts['stride']!r}")
+    if opts["impl"] == "triton":
+        from .kernels import select_blocks_triton
+
+        return select_blocks_triton(
+            q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=causal, opts=opts
+        )
     grid = BlockGrid.of(q, k, block_size, causal)
     dev = q.device
     valid, forced = grid.valid(dev), grid.forced(dev)
