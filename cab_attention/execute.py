@@ -83,10 +83,27 @@ def reference_attention(
     return out.view(b, hq, nq, d)
 
 
+# Every new shape (B, H, N, D, block) recompiles the static-shape FlexAttention. Past dynamo's
+# recompile limit (8 by default) dynamo would run flex_attention eagerly, and eager flex_attention
+# applies only the mask_mod and ignores the block sparsity (wrong output, N x N memory). So the compiled
+# function gets a limit of its own where torch.compile takes one (recompile_limit=, newer torch), and
+# otherwise the global limit is raised to at least this, once.
+_FLEX_RECOMPILE_LIMIT = 256
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
+    import inspect
+
     from torch.nn.attention.flex_attention import flex_attention
 
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(flex_attention, dynamic=False, recompile_limit=_FLEX_RECOMPILE_LIMIT)
+    import torch._dynamo.config as dc
+
+    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
+    if getattr(dc, name) < _FLEX_RECOMPILE_LIMIT:
+        setattr(dc, name, _FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -126,7 +143,10 @@ def flex_attention_blocks(
     if kv_total != g.kv_len:
         k = F.pad(k, (0, 0, 0, kv_total - g.kv_len))
         v = F.pad(v, (0, 0, 0, kv_total - g.kv_len))
-    block_mask = selection.to_block_mask()
+    # The transposed (q-block) index is needed only when gradients will flow: FlexAttention refuses a
+    # mask without it for inputs that require grad (e.g. CABAttention's projections in training).
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    block_mask = selection.to_block_mask(for_backward=needs_grad)
     out = _compiled_flex()(
         qp,
         k,

@@ -1,0 +1,132 @@
+"""``cab bench predictor``: the cost of choosing the blocks.
+
+Per ``(N, B)`` and predictor implementation (``[torch]`` always; ``[triton]``, the kernels' exact
+float32 path, and ``[triton-bf16]``, their fast approximate path, where :mod:`cab_attention.kernels`
+runs on this machine):
+
+* ``predictor:cab[impl]:coarsen|score|select|mask``: each stage timed alone on the previous stage's
+  output, at the headline sparsity (0.95; coarsen and score do not depend on it: sparsity empty);
+* ``predictor:cab[impl]`` the whole predictor, coarsen to FlexAttention ``BlockMask``, at every
+  sparsity, with its peak memory beyond the inputs; ``@bs128`` the same selecting at 128 tokens;
+* ``predictor:magnitude[impl]`` and ``predictor:antidiagonal[torch]``: the baselines on the same
+  pipeline at the headline sparsity (the antidiagonal scorer runs in float32 at O(N^2 D / stride); it
+  stops at ``--max-antidiagonal-n``).
+
+Batch-sweep groups measure ``predictor:cab`` and ``predictor:magnitude`` only.
+
+Usage: ``cab bench predictor [--n 1k,...,128k] [--budget-s 120] [--dry-run]`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .common import (
+    Recorder,
+    build_mask_fn,
+    build_parser,
+    checkpoint,
+    finish,
+    free_memory,
+    group_view,
+    header,
+    headline,
+    make_inputs,
+    plan,
+    predict_fn,
+    resolve,
+    setup_torch,
+    stage_fns,
+)
+
+
+def run_group(cfg, rec: Recorder, n: int, batch: int, sparsities: list[float], light: bool = False) -> None:
+    """Per implementation: the stage breakdown at the headline sparsity (not in light groups), the whole
+    cab predictor at every sparsity (and at the other block sizes at the headline sparsity), and the
+    baselines at the headline sparsity (their cost does not depend on it)."""
+    q, k, _ = make_inputs(cfg, n, batch)
+    main_bs = cfg.block_sizes[0]
+    hs = headline(sparsities)
+    for impl in cfg.impls:
+        tag = f"[{impl}]"
+        if "cab" in cfg.selectors and not light:
+            stage_breakdown(cfg, rec, impl, q, k, n, batch, [hs], main_bs)
+        build = build_mask_fn(impl)
+        for sel_name in cfg.selectors:
+            if sel_name == "antidiagonal" and n > cfg.max_antidiagonal_n:
+                if impl == "torch":
+                    rec.skip(f"predictor:{sel_name}{tag}", n, batch, "N > --max-antidiagonal-n", sparsity=hs,
+                             block_size=main_bs)
+                continue
+            plan_s = [(bs, s) for s in (sparsities if sel_name == "cab" else [hs]) for bs in [main_bs]]
+            if sel_name == "cab":
+                plan_s += [(bs, hs) for bs in cfg.block_sizes[1:]]
+            for bs, s in plan_s:
+                suffix = "" if bs == main_bs else f"@bs{bs}"
+                pf = predict_fn(impl, sel_name, q, k, sparsity=s, block_size=bs)
+                if pf is None:
+                    break  # this implementation does not cover the selector
+                rec.measure(f"predictor:{sel_name}{tag}{suffix}", n, batch,
+                            lambda pf=pf: (lambda: build(pf())), sparsity=s, block_size=bs)
+            free_memory(cfg.cuda)
+    del q, k
+    free_memory(cfg.cuda)
+
+
+def stage_breakdown(cfg, rec: Recorder, impl: str, q, k, n: int, batch: int, sparsities, bs: int) -> None:
+    """coarsen and score once (they do not depend on the sparsity), select and mask per sparsity; each
+    stage timed alone on the previous stage's output."""
+    tag = f"predictor:cab[{impl}]"
+    try:
+        st = stage_fns(impl, q, k, sparsity=sparsities[0], block_size=bs)
+        c = st["coarsen"]()
+        sc = st["score"](c)
+    except Exception as e:  # noqa: BLE001
+        rec.skip(f"{tag}:stages", n, batch, f"stage functions failed: {type(e).__name__}: {str(e)[:160]}", block_size=bs)
+        free_memory(cfg.cuda)
+        return
+    rec.measure(f"{tag}:coarsen", n, batch, lambda: st["coarsen"], block_size=bs)
+    rec.measure(f"{tag}:score", n, batch, lambda c=c: (lambda: st["score"](c)), block_size=bs)
+    del c
+    for s in sparsities:
+        sts = stage_fns(impl, q, k, sparsity=s, block_size=bs)
+        try:
+            sel = sts["select"](sc)
+        except Exception as e:  # noqa: BLE001
+            rec.skip(f"{tag}:select", n, batch, f"{type(e).__name__}: {str(e)[:160]}", sparsity=s, block_size=bs)
+            continue
+        rec.measure(f"{tag}:select", n, batch, lambda sts=sts, sc=sc: (lambda: sts["select"](sc)),
+                    sparsity=s, block_size=bs, density=sel.density)
+        rec.measure(f"{tag}:mask", n, batch, lambda sts=sts, sel=sel: (lambda: sts["mask"](sel)), sparsity=s, block_size=bs)
+        del sel
+    del sc
+    free_memory(cfg.cuda)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("cab bench predictor", __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    cfg = resolve(args, "cab bench predictor")
+    if cfg is None:
+        return 2
+    restore = setup_torch(cfg.cuda)
+    try:
+        print(header(cfg, "predictor"), flush=True)
+        rec = Recorder(cfg, log=lambda s: print(s, flush=True))
+        for group in plan(cfg):
+            n, batch = group.n, group.batch
+            print(f"N={n} B={batch}" + (" (batch sweep: main block size, cab and magnitude)" if group.light else ""), flush=True)
+            try:
+                run_group(group_view(cfg, group), rec, n, batch, list(group.sparsities), group.light)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory creating the inputs
+                rec.skip("predictor:group", n, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                free_memory(cfg.cuda)
+            checkpoint(cfg, rec)
+            print(f"  (group N={n} B={batch} done; {cfg.budget.elapsed():.0f} s elapsed)", flush=True)
+        return finish(cfg, rec, "predictor")
+    finally:
+        restore()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

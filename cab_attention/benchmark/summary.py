@@ -1,0 +1,384 @@
+"""Write ``docs/benchmarks.md`` from a results CSV of ``cab bench predictor`` / ``cab bench attention``.
+
+Every figure in the page comes from the CSV; the issue's targets are marked met / not met / not measured
+from the data, never assumed. Usage::
+
+    python -m cab_attention.benchmark.summary [--csv benchmarks/results/<device>-<date>.csv]
+        [--out docs/benchmarks.md] [--plots-dir benchmarks/results] [--compact]
+
+Without ``--csv`` it takes the newest GPU CSV in ``benchmarks/results`` (a CPU dry-run CSV only when no
+other exists). ``--compact`` prints a short plain-text table (what ``scripts/gpu_check.sh`` shows at
+the end) instead of writing the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from .common import read_csv
+from .plots import make_plots, ok_rows, pick_impl
+
+HEADLINE_S = 0.95
+TARGET_N = 131072
+TARGETS = {
+    "predictor_ms": 1.5,  # predictor at 128k, H100
+    "speedup": 10.0,  # CAB end to end at 95% vs cuDNN at 128k
+    "break_even": 8192,  # tokens
+    "predictor_mb": 1024.0,  # predictor memory beyond inputs at 128k
+}
+
+
+def _f(x):
+    try:
+        v = float(x)
+        return v if math.isfinite(v) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _same_s(r, s):
+    if s is None:
+        return r.get("sparsity", "") in ("", None)
+    v = _f(r.get("sparsity"))
+    return v is not None and abs(v - s) < 1e-9
+
+
+def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
+    for r in rows:
+        if r["case"] == case and int(r["n"]) == n and int(r["batch"]) == batch and _same_s(r, sparsity):
+            return _f(r.get(key))
+    return None
+
+
+def fmt_ms(x):
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def nlabel(n):
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def table(header, body):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def ns_of(rows, batch=1):
+    return sorted({int(r["n"]) for r in rows if int(r["batch"]) == batch})
+
+
+def break_even(rows, total_case, s, dense_case="attention:sdpa-cudnn"):
+    """``(grid_n, interpolated_n, note)``: the smallest measured N from which ``total_case`` at sparsity
+    ``s`` beats ``dense_case`` at every longer measured N (B = 1), and a log-log interpolation of where
+    the ratio crosses 1 between the last slower and the first faster point."""
+    pts = []
+    for n in ns_of(rows):
+        t, d = value(rows, total_case, n, sparsity=s), value(rows, dense_case, n)
+        if t is not None and d is not None:
+            pts.append((n, t, d))
+    if not pts:
+        return None, None, "not measured"
+    faster = [t < d for _, t, d in pts]
+    if not faster[-1]:
+        return None, None, f"not reached up to {nlabel(pts[-1][0])}"
+    i = len(pts) - 1
+    while i > 0 and faster[i - 1]:
+        i -= 1
+    n = pts[i][0]
+    if i == 0:
+        return n, None, f"at or below {nlabel(n)} (faster at every measured N)"
+    (n0, t0, d0), (n1, t1, d1) = pts[i - 1], pts[i]
+    l0, l1 = math.log(t0 / d0), math.log(t1 / d1)
+    x = math.log(n0) + (0 - l0) / (l1 - l0) * (math.log(n1) - math.log(n0)) if l1 != l0 else math.log(n1)
+    return n, math.exp(x), f"{nlabel(n)} on the grid (~{math.exp(x):.0f} interpolated)"
+
+
+def targets(rows, impl: str | None = None):
+    """The issue's targets for one predictor implementation (default: the headline one), each as
+    ``(target, goal, measured, ok)`` with ``ok`` True / False / None (not measured)."""
+    impl = impl or pick_impl(rows) or "torch"
+    pcase = f"predictor:cab[{impl}]"
+    tcase = f"total:cab[{impl}]"
+    out = []
+    p = value(rows, pcase, TARGET_N, sparsity=HEADLINE_S)
+    out.append(("predictor at 128k (coarsen to BlockMask, B=1, 95%)", f"<= {TARGETS['predictor_ms']} ms",
+                "-" if p is None else f"{p:.3f} ms [{impl}]",
+                None if p is None else p <= TARGETS["predictor_ms"]))
+    t = value(rows, tcase, TARGET_N, sparsity=HEADLINE_S)
+    d = value(rows, "attention:sdpa-cudnn", TARGET_N)
+    sp = d / t if (t and d) else None
+    out.append(("CAB end to end at 95% vs cuDNN SDPA at 128k", f">= {TARGETS['speedup']:.0f}x",
+                "-" if sp is None else f"{sp:.1f}x ({fmt_ms(d)} / {fmt_ms(t)} ms) [{impl}]",
+                None if sp is None else sp >= TARGETS["speedup"]))
+    n, _, note = break_even(rows, tcase, HEADLINE_S)
+    out.append(("break-even of CAB (95%) vs cuDNN", f"<= {nlabel(TARGETS['break_even'])} tokens", f"{note} [{impl}]",
+                None if note == "not measured" else (n is not None and n <= TARGETS["break_even"])))
+    m = value(rows, pcase, TARGET_N, sparsity=HEADLINE_S, key="peak_mb")
+    out.append(("predictor memory at 128k beyond the inputs", f"< {TARGETS['predictor_mb']:.0f} MiB",
+                "-" if m is None else f"{m:.0f} MiB [{impl}]", None if m is None else m < TARGETS["predictor_mb"]))
+    return out
+
+
+def verdict(ok):
+    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def render(all_rows, csv_path: Path, plot_paths, out_path: Path) -> str:
+    rows = ok_rows(all_rows)
+    first = all_rows[0] if all_rows else {}
+    device, torch_v, date = first.get("device", "?"), first.get("torch", "?"), first.get("date", "?")
+    cpu = "host timer" in device
+    impl = pick_impl(rows) or "torch"
+    impls = sorted({r["case"][len("predictor:cab["):-1] for r in rows
+                    if r["case"].startswith("predictor:cab[") and r["case"].endswith("]")}, key=lambda i: (i != "torch", i))
+    att = "attention:cab-sparse[reference]" if cpu else "attention:cab-sparse"
+    heads = f"Hq={first.get('heads', '?')}, Hkv={first.get('kv_heads', '?')}, D={first.get('head_dim', '?')}"
+    rel = lambda p: os.path.relpath(p, out_path.parent)  # noqa: E731
+    md = ["# Benchmarks\n"]
+    md.append(
+        f"Generated by `python -m cab_attention.benchmark.summary` from `{rel(csv_path)}` "
+        f"({len(all_rows)} rows). Device: **{device}**; torch {torch_v}; date {date}. "
+        f"Shape: {heads}, bf16, causal, block 64 unless noted. Do not edit by hand: rerun the generator.\n"
+    )
+    if cpu:
+        md.append("> **These rows are a CPU dry run with host timers. They test the command line and say nothing "
+                  "about speed.** Real figures come from `scripts/gpu_check.sh` on a GPU.\n")
+    md.append(
+        "How it was measured: `cab bench predictor` and `cab bench attention` (`scripts/gpu_check.sh` runs both). "
+        "Each figure is the median of triton's `do_bench` (CUDA events, L2 flushed between calls) after a "
+        "warm-up call that compiles; peak memory is `torch.cuda.max_memory_allocated()` during one call minus "
+        "what was allocated before it (inputs excluded, outputs and workspace included), in MiB. `predictor:cab[impl]` covers coarsen, score, "
+        "select and the FlexAttention `BlockMask`; `[torch]` is `cab_attention.select_blocks`, `[triton]` the "
+        "kernels of `cab_attention.kernels` (absent from the tables when they did not run). "
+        "`attention:cab-sparse` is the FlexAttention kernel alone over CAB's mask; `total:*` is predictor, mask "
+        "and attention in one call, as `sparse_attention` runs it. TFLOP/s count the computed tiles exactly "
+        "from `kv_num_blocks` (`4 bs^2 D` per tile and query head, causal diagonal tiles at half); dense SDPA "
+        "counts causal token pairs.\n"
+    )
+    md.append(
+        "Reading the numbers: at short lengths the predictor and the end-to-end figures are bound by host-side "
+        "dispatch (Python and many small kernel launches), so their medians include launch gaps and move "
+        "between neighbouring rows; kernel speed shows in the long-context rows. `[triton]` is the kernels' "
+        "exact float32 path (selections equal to `[torch]`), `[triton-bf16]` their approximate bf16 path. "
+        "The attention-alone figures use one mask per sparsity for all predictors: the budget rule keeps "
+        "exactly the same number of tiles whichever selector chose them.\n"
+    )
+    md.append(f"Predictor implementations measured: {', '.join(impls) or 'none'}; headline figures use `[{impl}]`.\n")
+
+    md.append("## Targets (issue 4)\n")
+    md.append(table(["target", "goal", "measured", "status"],
+                    [(a, b, c, verdict(ok)) for a, b, c, ok in targets(rows)]))
+    others = [i for i in impls if i != impl]
+    if others:
+        md.append("The same targets with the other predictor implementations:\n")
+        per = {i: targets(rows, i) for i in others}
+        md.append(table(["target"] + [f"`[{i}]`" for i in others],
+                        [[t[0]] + [f"{per[i][j][2].split(' [')[0]} ({verdict(per[i][j][3]).strip('*')})" for i in others]
+                         for j, t in enumerate(targets(rows))]))
+    md.append("")
+
+    ns = ns_of(rows)
+    if ns:
+        md.append("## Latency at B = 1 (median ms)\n")
+        hdr = ["N", "SDPA (CPU)" if cpu else "SDPA flash", "SDPA cuDNN", "Flex dense"]
+        sps = sorted({_f(r["sparsity"]) for r in rows if r["case"] == f"total:cab[{impl}]" and _f(r["sparsity"]) is not None})
+        hdr += [f"CAB attn {s:.0%}" for s in sps] + [f"predictor [{impl}] 95%"]
+        mag_impl = impl if any(r["case"] == f"total:magnitude[{impl}]" for r in rows) else "torch"
+        mag_total = f"total:magnitude[{mag_impl}]"
+        hdr += [f"CAB total {s:.0%}" for s in sps] + [f"magnitude total 95% [{mag_impl}]", "antidiag total 95%", "cuDNN / CAB 95%"]
+        body = []
+        for n in ns:
+            d = value(rows, "attention:sdpa-cudnn", n)
+            t95 = value(rows, f"total:cab[{impl}]", n, sparsity=HEADLINE_S)
+            r = [nlabel(n), fmt_ms(value(rows, "attention:sdpa-flash", n)) if not cpu else fmt_ms(value(rows, "attention:sdpa-cpu", n)),
+                 fmt_ms(d), fmt_ms(value(rows, "attention:flex-dense", n))]
+            r += [fmt_ms(value(rows, att, n, sparsity=s)) for s in sps]
+            r += [fmt_ms(value(rows, f"predictor:cab[{impl}]", n, sparsity=HEADLINE_S))]
+            r += [fmt_ms(value(rows, f"total:cab[{impl}]", n, sparsity=s)) for s in sps]
+            r += [fmt_ms(value(rows, mag_total, n, sparsity=HEADLINE_S)),
+                  fmt_ms(value(rows, "total:antidiagonal[torch]", n, sparsity=HEADLINE_S)),
+                  "-" if not (d and t95) else f"{d / t95:.2f}x"]
+            body.append(r)
+        md.append(table(hdr, body))
+        md.append("Break-even of CAB end to end against cuDNN SDPA (B = 1):\n")
+        for s in sps:
+            for im in impls:
+                note = break_even(rows, f"total:cab[{im}]", s)[2]
+                if note != "not measured":
+                    md.append(f"- {s:.0%} `[{im}]`: {note}")
+        md.append("")
+
+        pcases = [c for c in sorted({r["case"] for r in rows if r["case"].startswith("predictor:") and r["case"].count(":") == 1},
+                                    key=lambda c: (not c.startswith("predictor:cab"), "@" in c, c))]
+        if pcases:
+            md.append("## Predictors (median ms at 95% sparsity, B = 1; peak MiB beyond the inputs below)\n")
+            md.append(table(["N"] + [f"`{c.split(':', 1)[1]}`" for c in pcases],
+                            [[nlabel(n)] + [fmt_ms(value(rows, c, n, sparsity=HEADLINE_S)) for c in pcases] for n in ns]))
+            md.append(table(["N (peak MiB)"] + [f"`{c.split(':', 1)[1]}`" for c in pcases],
+                            [[nlabel(n)] + [fmt(value(rows, c, n, sparsity=HEADLINE_S, key="peak_mb"), ".0f") for c in pcases]
+                             for n in ns]))
+
+        for im in impls:
+            if not any(r["case"] == f"predictor:cab[{im}]:coarsen" for r in rows):
+                continue
+            md.append(f"## Breakdown of CAB at 95% sparsity, predictor `[{im}]` (median ms, B = 1)\n")
+            hdr = ["N", "coarsen", "score", "select", "mask build", "attention", "sum of stages", "measured total", "predictor alone"]
+            body = []
+            for n in ns:
+                parts = [value(rows, f"predictor:cab[{im}]:coarsen", n), value(rows, f"predictor:cab[{im}]:score", n),
+                         value(rows, f"predictor:cab[{im}]:select", n, sparsity=HEADLINE_S),
+                         value(rows, f"predictor:cab[{im}]:mask", n, sparsity=HEADLINE_S),
+                         value(rows, att, n, sparsity=HEADLINE_S)]
+                tot = None if any(p is None for p in parts) else sum(parts)
+                body.append([nlabel(n)] + [fmt_ms(p) for p in parts] + [fmt_ms(tot),
+                            fmt_ms(value(rows, f"total:cab[{im}]", n, sparsity=HEADLINE_S)),
+                            fmt_ms(value(rows, f"predictor:cab[{im}]", n, sparsity=HEADLINE_S))])
+            md.append(table(hdr, body))
+
+        if any(r["case"].startswith("attention:cab-sparse@") for r in rows):
+            md.append("## Block size and kernel tile (attention kernel alone, B = 1)\n")
+            md.append("`64 / 64x64`: selection at 64 tokens, FlexAttention tile `BLOCK_M = BLOCK_N = 64`. "
+                      "`sel 128`: selection at 128 tokens (tile 128 x 64). `64 merged to 128`: the 64-token selection "
+                      "with every 128 x 128 tile kept that holds a chosen 64-block (a superset: more tiles computed, "
+                      "nothing dropped). Cells: ms / TFLOP/s on computed tiles / density of computed tiles.\n")
+            hdr = ["N", "sparsity", "64 / 64x64", "sel 128", "64 merged to 128"]
+            body = []
+            for n in ns:
+                for s in sps:
+                    cells = []
+                    for case in ("attention:cab-sparse", "attention:cab-sparse@bs128", "attention:cab-sparse@merge128"):
+                        ms = value(rows, case, n, sparsity=s)
+                        cells.append("-" if ms is None else f"{fmt_ms(ms)} / {fmt(value(rows, case, n, sparsity=s, key='tflops'), '.0f')} / "
+                                     f"{fmt(value(rows, case, n, sparsity=s, key='density'), '.3f')}")
+                    if any(c != "-" for c in cells):
+                        body.append([nlabel(n), f"{s:.0%}"] + cells)
+            md.append(table(hdr, body))
+            md.append("End to end at 128-token selection: " + ", ".join(
+                f"{nlabel(n)}: {fmt_ms(value(rows, f'total:cab[{impl}]@bs128', n, sparsity=HEADLINE_S))} ms "
+                f"(vs {fmt_ms(value(rows, f'total:cab[{impl}]', n, sparsity=HEADLINE_S))} at 64)"
+                for n in ns if value(rows, f"total:cab[{impl}]@bs128", n, sparsity=HEADLINE_S) is not None) + "\n")
+
+        md.append("## Peak memory beyond the inputs (MiB, B = 1, 95% where sparse)\n")
+        cases = ([f"predictor:cab[{i}]" for i in impls] + ["predictor:magnitude[torch]", "predictor:antidiagonal[torch]",
+                 "attention:sdpa-cudnn", "attention:flex-dense", att, f"total:cab[{impl}]"])
+        body = []
+        for n in ns:
+            vals = []
+            for c in cases:
+                s = None if c in ("attention:sdpa-cudnn", "attention:flex-dense") else HEADLINE_S
+                vals.append(fmt(value(rows, c, n, sparsity=s, key="peak_mb"), ".0f"))
+            if any(v != "-" for v in vals):
+                body.append([nlabel(n)] + vals)
+        md.append(table(["N"] + [f"`{c}`" for c in cases], body))
+
+    batches = sorted({int(r["batch"]) for r in rows if int(r["batch"]) > 1})
+    if batches:
+        md.append("## Batch sweep (median ms)\n")
+        mag_b = f"total:magnitude[{impl}]" if any(r["case"] == f"total:magnitude[{impl}]" for r in rows) else "total:magnitude[torch]"
+        hdr = ["N", "B", "SDPA flash", "SDPA cuDNN", "Flex dense", "CAB attn 95%", f"CAB total 95% [{impl}]",
+               f"magnitude total 95% {mag_b[len('total:magnitude'):]}", "cuDNN / CAB"]
+        body = []
+        for n in sorted({int(r["n"]) for r in rows if int(r["batch"]) > 1}):
+            for b in batches:
+                d = value(rows, "attention:sdpa-cudnn", n, batch=b)
+                t = value(rows, f"total:cab[{impl}]", n, batch=b, sparsity=HEADLINE_S)
+                r = [nlabel(n), b, fmt_ms(value(rows, "attention:sdpa-flash", n, batch=b)), fmt_ms(d),
+                     fmt_ms(value(rows, "attention:flex-dense", n, batch=b)),
+                     fmt_ms(value(rows, att, n, batch=b, sparsity=HEADLINE_S)), fmt_ms(t),
+                     fmt_ms(value(rows, mag_b, n, batch=b, sparsity=HEADLINE_S)),
+                     "-" if not (d and t) else f"{d / t:.2f}x"]
+                if any(c != "-" for c in r[2:]):
+                    body.append(r)
+        md.append(table(hdr, body))
+
+    if plot_paths:
+        md.append("## Plots\n")
+        for p in plot_paths:
+            md.append(f"![{Path(p).stem}]({rel(p)})\n")
+
+    bad = [r for r in all_rows if not r.get("status", "ok").startswith("ok")]
+    if bad:
+        md.append("## Skipped and failed cases\n")
+        md.append(table(["case", "N", "B", "sparsity", "status"],
+                        [(r["case"], r["n"], r["batch"], r["sparsity"] or "-", r["status"].replace("|", "/")) for r in bad]))
+    return "\n".join(md) + "\n"
+
+
+def compact(all_rows) -> str:
+    """A short plain-text table for a terminal."""
+    rows = ok_rows(all_rows)
+    impl = pick_impl(rows) or "torch"
+    lines = [f"device: {all_rows[0]['device'] if all_rows else '?'}; predictor impl [{impl}]",
+             f"{'N':>6} {'cuDNN':>9} {'flexdense':>9} {'pred95':>8} {'attn95':>8} {'total95':>8} {'x cuDNN':>8}"]
+    for n in ns_of(rows):
+        d = value(rows, "attention:sdpa-cudnn", n)
+        t = value(rows, f"total:cab[{impl}]", n, sparsity=HEADLINE_S)
+        lines.append(f"{nlabel(n):>6} {fmt_ms(d):>9} {fmt_ms(value(rows, 'attention:flex-dense', n)):>9} "
+                     f"{fmt_ms(value(rows, f'predictor:cab[{impl}]', n, sparsity=HEADLINE_S)):>8} "
+                     f"{fmt_ms(value(rows, 'attention:cab-sparse', n, sparsity=HEADLINE_S)):>8} {fmt_ms(t):>8} "
+                     f"{'-' if not (d and t) else f'{d / t:.2f}':>8}")
+    lines.append("targets:")
+    for a, b, c, ok in targets(rows):
+        lines.append(f"  {verdict(ok).strip('*'):12s} {a} (goal {b}): {c}")
+    impls = sorted({r["case"][len("predictor:cab["):-1] for r in rows
+                    if r["case"].startswith("predictor:cab[") and r["case"].endswith("]")})
+    for other in impls:
+        if other != impl:
+            lines.append(f"  [{other}]: " + "; ".join(f"{c.split(' [')[0]} ({verdict(ok).strip('*')})"
+                                                    for _, _, c, ok in targets(rows, other)))
+    bad = [r for r in all_rows if not r.get("status", "ok").startswith("ok")]
+    if bad:
+        lines.append(f"skipped/failed cases: {len(bad)} (see the CSV status column)")
+    return "\n".join(lines)
+
+
+def newest_csv(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+    gpu = [p for p in files if not p.name.startswith("cpu-")]
+    return (gpu or files or [None])[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cab_attention.benchmark.summary", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--plots-dir", type=Path, default=None, help="where the PNGs go (default: beside the CSV)")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--compact", action="store_true", help="print a short table instead of writing the page")
+    args = ap.parse_args(argv)
+    csv_path = args.csv or newest_csv(Path("benchmarks/results"))
+    if csv_path is None or not Path(csv_path).exists():
+        print(f"summary: no results CSV ({csv_path or 'benchmarks/results/*.csv'}); run cab bench first", file=sys.stderr)
+        return 2
+    all_rows = read_csv(Path(csv_path))
+    if not all_rows:
+        print(f"summary: {csv_path} has no rows", file=sys.stderr)
+        return 2
+    if args.compact:
+        print(compact(all_rows))
+        return 0
+    plots = []
+    if not args.no_plots:
+        try:
+            plots = make_plots(Path(csv_path), args.plots_dir or Path(csv_path).parent)
+        except Exception as e:  # noqa: BLE001
+            print(f"summary: plots failed: {type(e).__name__}: {e}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(all_rows, Path(csv_path), plots, args.out))
+    print(f"summary: wrote {args.out} from {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The benchmark command line on CPU: refusal without CUDA, the dry-run grid, the CSV, the summary.
+
+No timing is asserted anywhere: CPU host timers say nothing about speed. These tests check that the
+commands run, label CPU rows as such, write the issue's columns and case names, merge, skip on budget,
+and that the summary marks targets from the data (not measured here).
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from cab_attention import select_blocks
+from cab_attention.benchmark import common, summary
+from cab_attention.cli import main as cab_main
+
+TINY = ["--dry-run", "--n", "128", "--batches", "2", "--batch-n", "128", "--sparsities", "0.5",
+        "--batch-sparsities", "0.5", "--rep", "1", "--no-plots"]
+ISSUE_COLUMNS = "case,n,batch,heads,kv_heads,head_dim,sparsity,ms,peak_mb,device,torch,date".split(",")
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("what", ["predictor", "attention"])
+def test_refuses_without_cuda(what, capsys):
+    assert cab_main(["bench", what]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--dry-run" in err
+
+
+def test_cpu_needs_tiny(capsys):
+    assert cab_main(["bench", "predictor", "--device", "cpu"]) == 2
+    assert "--tiny" in capsys.readouterr().err
+
+
+def test_dry_run_writes_labelled_csv_and_merges(tmp_path):
+    out = tmp_path / "res.csv"
+    args = TINY + ["--csv", str(out), "--out-dir", str(tmp_path), "--selectors", "cab,magnitude,antidiagonal"]
+    assert cab_main(["bench", "predictor", *args, "--block-sizes", "64,128"]) == 0
+    rows = read(out)
+    with open(out) as f:
+        assert f.readline().strip().split(",")[: len(ISSUE_COLUMNS)] == ISSUE_COLUMNS
+    cases = {r["case"] for r in rows}
+    for want in ("predictor:cab[torch]", "predictor:cab[torch]:coarsen", "predictor:cab[torch]:score",
+                 "predictor:cab[torch]:select", "predictor:cab[torch]:mask", "predictor:cab[torch]@bs128",
+                 "predictor:magnitude[torch]", "predictor:antidiagonal[torch]"):
+        assert want in cases, want
+    # The Triton predictor never runs on CPU here, and no row pretends it did.
+    assert not any("triton" in c for c in cases)
+    for r in rows:
+        assert "host timer" in r["device"] and r["device"].startswith("cpu")
+        assert r["status"] == "ok", r
+        assert float(r["ms"]) >= 0 and r["peak_mb"] == ""
+        assert r["torch"] == torch.__version__
+    assert {int(r["batch"]) for r in rows} == {1, 2}
+
+    assert cab_main(["bench", "attention", *args, "--block-sizes", "64"]) == 0
+    rows2 = read(out)
+    cases2 = {r["case"] for r in rows2}
+    assert cases <= cases2  # merged, not overwritten
+    for want in ("attention:sdpa-cpu", "attention:cab-sparse[reference]", "total:cab[torch]",
+                 "total:magnitude[torch]", "total:antidiagonal[torch]"):
+        assert want in cases2, want
+    sparse = [r for r in rows2 if r["case"] == "attention:cab-sparse[reference]"]
+    assert sparse and all(0 < float(r["density"]) <= 1 for r in sparse)
+
+    # Running again replaces rows with the same key instead of duplicating them.
+    assert cab_main(["bench", "attention", *args, "--block-sizes", "64"]) == 0
+    keys = [tuple(r[c] for c in common.KEY) for r in read(out)]
+    assert len(keys) == len(set(keys))
+
+
+def test_budget_skips_are_logged(tmp_path):
+    out = tmp_path / "b.csv"
+    assert cab_main(["bench", "predictor", *TINY, "--csv", str(out), "--budget-s", "0", "--selectors", "cab"]) == 0
+    rows = read(out)
+    assert rows and all(r["status"].startswith("skipped: budget") and r["ms"] == "" for r in rows)
+
+
+def test_summary_marks_targets_from_data(tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert cab_main(["bench", "attention", *TINY, "--csv", str(out), "--selectors", "cab", "--block-sizes", "64"]) == 0
+    md = tmp_path / "docs" / "benchmarks.md"
+    assert summary.main(["--csv", str(out), "--out", str(md), "--no-plots"]) == 0
+    text = md.read_text()
+    assert "## Targets" in text and "CPU dry run" in text
+    # Nothing at 128k was measured, so no target can be met or missed.
+    assert "**met**" not in text and "**not met**" not in text and text.count("not measured") >= 4
+    assert summary.main(["--csv", str(out), "--compact"]) == 0
+    assert "targets:" in capsys.readouterr().out
+
+
+def test_summary_break_even_and_targets_on_synthetic_rows():
+    def r(case, n, ms, s="", peak=""):
+        return {"case": case, "n": str(n), "batch": "1", "sparsity": s, "ms": str(ms), "peak_mb": str(peak),
+                "status": "ok", "device": "test", "torch": "x", "date": "d"}
+
+    rows = []
+    for n, dense, total in ((1024, 1.0, 3.0), (2048, 2.0, 2.5), (4096, 4.0, 2.0), (8192, 8.0, 1.0)):
+        rows += [r("attention:sdpa-cudnn", n, dense), r("total:cab[torch]", n, total, "0.95")]
+    n, interp, note = summary.break_even(rows, "total:cab[torch]", 0.95)
+    assert n == 4096 and 2048 < interp < 4096 and "4k" in note
+    rows += [r("attention:sdpa-cudnn", 131072, 100.0), r("total:cab[torch]", 131072, 20.0, "0.95"),
+             r("predictor:cab[torch]", 131072, 2.0, "0.95", peak=512)]
+    got = {t[0]: t[3] for t in summary.targets(rows)}
+    assert got["predictor at 128k (coarsen to BlockMask, B=1, 95%)"] is False  # 2.0 > 1.5
+    assert got["CAB end to end at 95% vs cuDNN SDPA at 128k"] is False  # 5x < 10x
+    assert got["break-even of CAB (95%) vs cuDNN"] is True  # 4k <= 8k
+    assert got["predictor memory at 128k beyond the inputs"] is True  # 512 < 1024
+
+
+def test_tile_flops_counts_kept_tiles_exactly():
+    b, hq, hkv, n, d, bs = 1, 2, 1, 256, 16, 64
+    q = torch.randn(b, hq, n, d)
+    k = torch.randn(b, hkv, n, d)
+    dense = select_blocks(q, k, selector="dense", block_size=bs)
+    m = n // bs
+    # m diagonal tiles at half, m (m - 1) / 2 full tiles, per query head.
+    assert common.tile_flops(dense) == 4 * bs * bs * d * hq * (m * (m - 1) / 2 + m / 2)
+    sel = select_blocks(q, k, selector="cab", sparsity=0.5, block_size=bs)
+    kept = int(sel.kv_num_blocks.sum())
+    assert common.tile_flops(sel) == 4 * bs * bs * d * (kept - 0.5 * hq * m)
+
+
+def test_merge_selection_is_a_superset_at_twice_the_block():
+    q = torch.randn(1, 2, 512, 16)
+    k = torch.randn(1, 1, 512, 16)
+    sel = select_blocks(q, k, selector="cab", sparsity=0.8, block_size=64)
+    merged = common.merge_selection(sel, 2)
+    assert merged.block_size == 128 and merged.mask.shape[-1] == 4
+    up = merged.mask.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert bool((up | ~sel.mask).all())  # every chosen 64-block lies in a kept 128-tile
+    assert torch.equal(merged.kv_num_blocks, merged.mask.sum(-1).int())
+
+
+def test_sizes_and_impls_parse():
+    assert common.parse_sizes("1k,2k,4096") == [1024, 2048, 4096]
+    with pytest.raises(Exception):
+        common.parse_sizes("12q")
+    impls, notes = common.predictor_impls("auto", "cpu")
+    assert impls == ["torch"] and "not run" in notes["triton"]
