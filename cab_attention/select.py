@@ -4,7 +4,8 @@ Every row ranks its key blocks in one total order:
 
 1. the forced blocks (sink block 0 and the diagonal block), then
 2. the other causally valid blocks by *priority*, highest first, ties to the more recent block
-   (the larger key-block index), then
+   (the larger key-block index); a selector may *demote* some valid blocks behind all the others
+   (``cab`` with ``edges="positive"`` demotes zero-affinity blocks), then
 3. non-edges (causally invalid blocks), which no budget ever reaches because ``k_i <= v_i``.
 
 Fixed-sparsity mode keeps the first ``k_i`` blocks of that order. Adaptive mode keeps the shortest
@@ -19,19 +20,25 @@ import torch
 from .geometry import BlockGrid
 
 
-def rank_order(priority: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+def rank_order(
+    priority: torch.Tensor, valid: torch.Tensor, forced: torch.Tensor, demote: torch.Tensor | None = None
+) -> torch.Tensor:
     """The total order of each row, as key-block indices.
 
     Args:
         priority: ``[B, H, Mq, Mk]`` float, higher is kept first.
         valid, forced: ``[Mq, Mk]`` bool.
+        demote: optional ``[B, H, Mq, Mk]`` bool: valid, non-forced blocks that rank after every other
+            valid block (still before non-edges, so budgets stay exact).
 
     Returns:
         ``[B, H, Mq, Mk]`` int64: ``order[..., r]`` is the key block ranked ``r``-th.
     """
     mk = priority.shape[-1]
     pr = torch.nan_to_num(priority.float(), nan=float("-inf"))
-    tier = valid.to(torch.int8) + forced.to(torch.int8)  # forced 2, valid 1, non-edge 0
+    tier = 2 * valid.to(torch.int8) + forced.to(torch.int8)  # forced 3, valid 2, non-edge 0
+    if demote is not None:
+        tier = tier - (demote & valid & ~forced).to(torch.int8)  # demoted 1
     # Reverse the columns so that a stable sort breaks ties toward the larger original index.
     pr_rev = pr.flip(-1)
     tier_rev = tier.flip(-1).expand_as(pr_rev)

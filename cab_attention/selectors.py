@@ -88,6 +88,10 @@ SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
         "lam": (0.5, _number(0.0, math.inf)),
         "norm": ("blocks", _choice(*S.TRIANGLE_NORMS)),
         "hybrid": (0.0, _number(0.0, 1.0)),
+        # "causal": every causally valid block pair is an edge (weight relu(logit), possibly 0).
+        # "positive": only pairs with positive affinity are edges, as in the seed's toy graph (which
+        # scores non-edges 1000 so keep-lowest never reaches them); zero-affinity blocks rank last.
+        "edges": ("causal", _choice("causal", "positive")),
     },
     "magnitude": {},
     "streaming": {},
@@ -106,6 +110,7 @@ class _Context:
     scale: float
     opts: dict[str, Any]
     diag: dict[str, Any] = field(default_factory=dict)
+    demote: torch.Tensor | None = None
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def coarse(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +158,8 @@ def _sel_cab(ctx: _Context):
     else:
         f = S.triangle_proxy(a, r, lam=float(o["lam"]), norm=o["norm"])
     ctx.diag.update(A=a, R=r, scores=f)
+    if o["edges"] == "positive":
+        ctx.demote = a <= 0
     prio = -f if o["keep"] == "lowest" else f
     w = float(o["hybrid"])
     if w > 0:
@@ -283,12 +290,15 @@ def select_blocks(
     prio, mass = _SCORERS[selector](ctx)
     if opts["threshold"] is not None and mass is None:
         mass = _masked_softmax(ctx.logits(), valid)
+    demote = ctx.demote
     if opts["share_kv"]:
         b, hkv, g = grid.batch, grid.kv_heads, grid.group
         prio = prio.reshape(b, hkv, g, *prio.shape[2:]).mean(2)
         if mass is not None:
             mass = mass.reshape(b, hkv, g, *mass.shape[2:]).mean(2)
-    order = rank_order(prio, valid, forced)
+        if demote is not None:
+            demote = demote.reshape(b, hkv, g, *demote.shape[2:]).all(2)
+    order = rank_order(prio, valid, forced, demote)
     if opts["threshold"] is None:
         budget = grid.budget(sparsity, dev)
     else:

@@ -394,6 +394,8 @@ def select_blocks_triton(
         raise ValueError("impl='triton' supports fixed sparsity only (threshold=None); use impl='torch'")
     if opts.get("return_diagnostics"):
         raise ValueError("impl='triton' does not return diagnostics (it never materialises R); use impl='torch'")
+    if opts.get("edges", "causal") != "causal":
+        raise ValueError(f"impl='triton' supports edges='causal' only, got edges={opts['edges']!r}; use impl='torch'")
     cab = {name: opts[name] for name in ("score", "keep", "lam", "norm", "hybrid") if name in opts}
     return predict(
         q, k, block_size=block_size, sparsity=sparsity, causal=causal, selector=selector,
