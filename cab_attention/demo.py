@@ -27,7 +27,10 @@ from .evaluate.passkey import run_passkey, summary_table
 from .evaluate.report import environment, markdown_table, write_json, write_summary
 from .evaluate.text import passkey_keys, passkey_prompt
 from .execute import dense_attention, sparse_attention
-from .selectors import SELECTORS, select_blocks
+from .selectors import SEED_CAB_OPTIONS, SELECTORS, select_blocks
+
+# The seed's configuration beside the default `cab`, so the demo shows both (docs/results.md).
+SEED_SPEC = "cab:" + ",".join(f"{k}={v}" for k, v in SEED_CAB_OPTIONS.items())
 
 
 def layer_study(
@@ -40,13 +43,15 @@ def layer_study(
     q, k, v = q.float(), k.float(), v.float()
     ref = dense_attention(q, k, v, causal=True, scale=scale)
     rows = []
-    for name in SELECTORS:
-        sel = select_blocks(q, k, selector=name, sparsity=sparsity, block_size=block_size, scale=scale)
+    methods = [(name, name, {}) for name in SELECTORS]
+    methods.insert(2, ("cab (seed)", "cab", dict(SEED_CAB_OPTIONS)))
+    for label, name, opts in methods:
+        sel = select_blocks(q, k, selector=name, sparsity=sparsity, block_size=block_size, scale=scale, **opts)
         out = sparse_attention(q, k, v, selection=sel, block_size=block_size, backend="reference", scale=scale)
         err = ((out - ref).norm() / ref.norm()).item()
         m = sel.query_head_mask()[0, :, question_block]  # [Hq, Mk]
         hit = m[:, needle_blocks].any(-1).float().mean().item()
-        rows.append({"selector": name, "density": sel.density, "rel_error": err, "needle_kept": hit})
+        rows.append({"selector": label, "density": sel.density, "rel_error": err, "needle_kept": hit})
     return rows
 
 
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Passkey retrieval, every layer block-sparse.
     print(f"[1/3] passkey retrieval at ~{args.length} tokens, depths {depths}, sparsity {args.sparsity:g}", flush=True)
     payload = run_passkey(
-        model, tok, lengths=[args.length], depths=depths, selectors=["dense", "cab", "magnitude", "streaming"],
+        model, tok, lengths=[args.length], depths=depths, selectors=["dense", "cab", SEED_SPEC, "magnitude", "streaming"],
         sparsities=[args.sparsity], keys=1, block_size=bs, backend="sdpa", batch=len(depths),
         progress=not args.no_progress,
     )

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# The test suite runs the Triton kernels on the CPU through Triton's interpreter. The variable must be
+# set before any module decorates a kernel, and several test modules import the kernels (directly, or
+# through select_blocks(impl="triton") and the benchmark harness), so it is set here, once, for all.
+# GPU runs of the kernels go through scripts/gpu_kernels.py, not pytest.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from reference import make_qkv
+import pytest  # noqa: E402
+
+from reference import make_qkv  # noqa: E402
 
 try:
     from hypothesis import settings

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cab_attention as cab
+from cab_attention.selectors import SEED_CAB_OPTIONS
 from reference import (
     SHAPES,
     coarse_logits,
@@ -59,12 +60,12 @@ def test_magnitude_keeps_highest_coarse_logits(shape):
 @pytest.mark.parametrize("shape", ["gqa-b2-oddN-bs16", "bs64-d128-oddN", "full-bs32"])
 def test_forman_scores_match_independent_graph(shape):
     q, k, _, bs = _case(shape, 31)
-    sel = cab.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=bs, return_diagnostics=True)
+    sel = cab.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=bs, return_diagnostics=True, **SEED_CAB_OPTIONS)
     valid = valid_blocks(q.shape[2], k.shape[2], bs, True)
     ref = forman_scores(q, k, bs)
     got = sel.diagnostics["scores"].double()
     torch.testing.assert_close(got[..., valid], ref[..., valid], atol=1e-3, rtol=1e-4)
-    # The seed's default: keep the lowest curvature.
+    # The seed's configuration: keep the lowest curvature.
     assert_ranked_by(sel.mask, -ref, free_blocks(q.shape[2], k.shape[2], bs), tol=1e-3)
 
 
@@ -73,7 +74,8 @@ def test_forman_scores_match_independent_graph(shape):
 def test_triangle_proxy_formula(lam, norm):
     q, k, _, bs = _case("gqa-b2-oddN-bs16", 32)
     sel = cab.select_blocks(
-        q, k, selector="cab", score="triangle", lam=lam, norm=norm, sparsity=0.6, block_size=bs, return_diagnostics=True
+        q, k, selector="cab", score="triangle", lam=lam, norm=norm, keep="lowest", coarsen="max_l2",
+        sparsity=0.6, block_size=bs, return_diagnostics=True,
     )
     dg = sel.diagnostics
     a, r = dg["A"].double(), dg["R"].double()
@@ -113,7 +115,7 @@ def test_hybrid_weight_one_is_magnitude_and_zero_is_curvature(shape):
     q, k, _, bs = _case(shape, 34)
     mag = cab.select_blocks(q, k, selector="magnitude", sparsity=0.7, block_size=bs).mask
     for keep in ("lowest", "highest"):
-        one = cab.select_blocks(q, k, selector="cab", keep=keep, hybrid=1.0, sparsity=0.7, block_size=bs).mask
+        one = cab.select_blocks(q, k, selector="cab", keep=keep, hybrid=1.0, coarsen="max_l2", sparsity=0.7, block_size=bs).mask
         assert torch.equal(one, mag)
     zero = cab.select_blocks(q, k, selector="cab", hybrid=0.0, sparsity=0.7, block_size=bs).mask
     plain = cab.select_blocks(q, k, selector="cab", sparsity=0.7, block_size=bs).mask

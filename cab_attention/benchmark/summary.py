@@ -104,12 +104,13 @@ def break_even(rows, total_case, s, dense_case="attention:sdpa-cudnn"):
     return n, math.exp(x), f"{nlabel(n)} on the grid (~{math.exp(x):.0f} interpolated)"
 
 
-def targets(rows, impl: str | None = None):
-    """The issue's targets for one predictor implementation (default: the headline one), each as
+def targets(rows, impl: str | None = None, variant: str = ""):
+    """The issue's targets for one predictor implementation (default: the headline one) and case
+    variant (``""`` for block 64, ``"@bs128"`` for selection at 128), each as
     ``(target, goal, measured, ok)`` with ``ok`` True / False / None (not measured)."""
     impl = impl or pick_impl(rows) or "torch"
-    pcase = f"predictor:cab[{impl}]"
-    tcase = f"total:cab[{impl}]"
+    pcase = f"predictor:cab[{impl}]{variant}"
+    tcase = f"total:cab[{impl}]{variant}"
     out = []
     p = value(rows, pcase, TARGET_N, sparsity=HEADLINE_S)
     out.append(("predictor at 128k (coarsen to BlockMask, B=1, 95%)", f"<= {TARGETS['predictor_ms']} ms",
@@ -185,6 +186,15 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path) -> str:
         per = {i: targets(rows, i) for i in others}
         md.append(table(["target"] + [f"`[{i}]`" for i in others],
                         [[t[0]] + [f"{per[i][j][2].split(' [')[0]} ({verdict(per[i][j][3]).strip('*')})" for i in others]
+                         for j, t in enumerate(targets(rows))]))
+    # Selecting at 128 tokens is a different (coarser) selector: its targets are shown beside, not instead.
+    at128 = {i: targets(rows, i, "@bs128") for i in impls}
+    at128 = {i: t for i, t in at128.items() if any(ok is not None for *_, ok in t)}
+    if at128:
+        md.append("\nThe same targets with selection *and* execution at 128-token blocks (`@bs128`; a coarser "
+                  "selection, whose accuracy the ablation in docs/results.md did not measure):\n")
+        md.append(table(["target"] + [f"`[{i}]@bs128`" for i in at128],
+                        [[t[0]] + [f"{at128[i][j][2].split(' [')[0]} ({verdict(at128[i][j][3]).strip('*')})" for i in at128]
                          for j, t in enumerate(targets(rows))]))
     md.append("")
 

@@ -55,16 +55,18 @@ DEFAULT_NOISE = (0, 5, 20, 100)
 # Block-level selectors: (label, selector, options).
 BLOCK_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("magnitude", "magnitude", {}),
-    ("cab", "cab", {}),
-    ("cab-high", "cab", {"keep": "highest"}),
-    ("tri-low", "cab", {"score": "triangle", "keep": "lowest"}),
-    ("tri-high", "cab", {"score": "triangle", "keep": "highest"}),
+    ("cab", "cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}),  # the seed's
+    # edges="positive": zero-affinity block pairs rank last, as the toy's non-edges (score 1000) do.
+    ("cab-pos", "cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2", "edges": "positive"}),
+    ("cab-high", "cab", {"score": "forman", "keep": "highest", "coarsen": "max_l2"}),
+    ("tri-low", "cab", {"score": "triangle", "keep": "lowest", "coarsen": "max_l2"}),
+    ("tri-high", "cab", {"score": "triangle", "keep": "highest", "coarsen": "max_l2"}),
     ("streaming", "streaming", {}),
     ("random", "random", {"seed": 0}),
     ("antidiagonal", "antidiagonal", {}),
     ("oracle", "oracle", {}),
 )
-SWEEP_BLOCK_METHODS = ("magnitude", "cab", "cab-high")
+SWEEP_BLOCK_METHODS = ("magnitude", "cab", "cab-pos", "cab-high")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def block_level(
 ) -> dict[str, Any]:
     """Run the library's selectors on the graph; which of them keep the bridge block."""
     from ..geometry import BlockGrid
-    from ..selectors import select_blocks
+    from ..selectors import SEED_CAB_OPTIONS, select_blocks
 
     table = {m[0]: m for m in BLOCK_METHODS}
     names = list(methods) if methods is not None else list(table)
@@ -212,7 +214,8 @@ def block_level(
     out: dict[str, Any] = {"block_size": block_size, "retrieved": {}, "row_budget": {}, "bridge_row_rank": {}}
     # The library's own curvature of the bridge block edge (on the coarse graph it builds).
     grid = BlockGrid.of(q, k, block_size, False)
-    d = select_blocks(q, k, selector="cab", sparsity=0.9, block_size=block_size, causal=False, return_diagnostics=True).diagnostics
+    d = select_blocks(q, k, selector="cab", sparsity=0.9, block_size=block_size, causal=False, return_diagnostics=True,
+                      **SEED_CAB_OPTIONS).diagnostics
     out["bridge_curvature_library"] = float(d["scores"][0, 0, i, j])
     out["coarse_affinity_error"] = float((d["A"][0, 0].cpu() - torch.from_numpy(a)).abs().max())
     for s in sparsities:

@@ -43,8 +43,8 @@ from .report import bootstrap_ci, environment, markdown_table, write_csv, write_
 DEFAULT_CONFIGS = (
     "oracle",
     "cab",
-    "cab:keep=highest",
-    "cab:score=triangle,keep=highest",
+    "cab-seed@cab:score=forman,keep=lowest,coarsen=max_l2",
+    "cab:score=forman,keep=highest,coarsen=max_l2",
     "magnitude",
     "streaming",
     "random",

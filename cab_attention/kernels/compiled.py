@@ -175,13 +175,13 @@ def cab_attention_compiled(
     block_size: int = 64,
     causal: bool = True,
     selector: str = "cab",
-    score: str = "forman",
-    keep: str = "lowest",
+    score: str | None = None,
+    keep: str | None = None,
     lam: float = 0.5,
     norm: str = "blocks",
     hybrid: float = 0.0,
     scale: float | None = None,
-    coarsen: str = "max_l2",
+    coarsen: str | None = None,
     precision: str = "fp32",
     bucket: str | int = "pow2",
     min_bucket: int = 1024,
@@ -191,10 +191,14 @@ def cab_attention_compiled(
 
     Pads to :func:`bucket_length`, runs the compiled graph (predictor custom op + BlockMask +
     FlexAttention), and returns the first ``N`` rows. Options as :func:`cab_attention.kernels.predict`;
-    ``compact`` (default: on CUDA) stores the block indices ``W = max budget`` wide instead of ``Mb``
-    (at 128k and 95% sparsity 20x less index memory); FlexAttention's CPU lowering needs the full width.
+    ``compact=True`` stores the block indices ``W = max budget`` wide instead of ``Mb`` (at 128k and 95%
+    sparsity 20x less index memory). Off by default: FlexAttention's CPU lowering needs the full width,
+    and on the H100 (torch 2.11) the compact form gave wrong output in ``scripts/gpu_kernels.py``.
     """
+    from .predictor import selector_defaults
+
     check_qkv(q, k, v)
+    score, keep, coarsen = selector_defaults(selector, score, keep, coarsen)
     check_block_size(block_size)
     check_sparsity(sparsity)
     if not isinstance(causal, bool):
@@ -223,6 +227,6 @@ def cab_attention_compiled(
     out = compiled_forward()(
         q, k, v, n_t, block_size, float(sparsity), causal, selector, score, keep, float(lam), norm, float(hybrid),
         float(scale) if scale is not None else -1.0, coarsen, precision,
-        bool(q.is_cuda if compact is None else compact), flex_kernel_options(block_size, q.device.type),
+        bool(compact), flex_kernel_options(block_size, q.device.type),
     )
     return out[:, :, :n]

@@ -235,8 +235,9 @@ def block_mask(selection: BlockSelection, compact: bool | None = None):
     but built in ``O(B H Mq)`` from its ``kv_indices`` (see :func:`flex_blocks`); the transposed (q)
     indices, needed only for the backward pass, are skipped where ``from_kv_blocks`` allows it.
 
-    ``compact`` (default: on CUDA) stores the partial-block index one column wide; FlexAttention's CPU
-    lowering (and ``from_kv_blocks`` without ``compute_q_blocks``) need it ``Mk`` wide."""
+    ``compact=True`` stores the partial-block index one column wide. It is off by default: FlexAttention's
+    CPU lowering needs the index ``Mk`` wide, and on CUDA (torch 2.11) the compact form failed the GPU
+    check (``scripts/gpu_kernels.py``)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     g = selection.grid
@@ -250,7 +251,9 @@ def block_mask(selection: BlockSelection, compact: bool | None = None):
     if has_cq:
         kwargs["compute_q_blocks"] = False
     if compact is None:
-        compact = num.is_cuda
+        # Off by default: on the H100 (torch 2.11, 2026-11-25, scripts/gpu_kernels.py) the compact index
+        # gave wrong FlexAttention output (max |diff| ~1 vs to_block_mask); the full width was exact.
+        compact = False
     if not (compact and has_cq):
         wide = torch.zeros(*pi.shape[:-1], g.num_kv_blocks, dtype=torch.int32, device=pi.device)
         wide[..., :1] = pi
@@ -302,6 +305,21 @@ def _dense_selection(grid: BlockGrid, heads: int, selector: str, share_kv: bool,
     return BlockSelection(mask, num, idx, grid, selector, share_kv)
 
 
+def selector_defaults(
+    selector: str, score: str | None, keep: str | None, coarsen: str | None
+) -> tuple[str, str, str]:
+    """Fill ``None`` options with the library's defaults for ``selector`` (the ones ``select_blocks``
+    uses), so that the Triton path and the torch path agree without repeating the defaults here."""
+    from ..selectors import SELECTOR_OPTIONS, resolve_options
+
+    d = resolve_options(selector, {}) if selector in SELECTOR_OPTIONS else {}
+    return (
+        d.get("score", "forman") if score is None else score,
+        d.get("keep", "lowest") if keep is None else keep,
+        d.get("coarsen", "max_l2") if coarsen is None else coarsen,
+    )
+
+
 def predict(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -310,13 +328,13 @@ def predict(
     sparsity: float = 0.9,
     causal: bool = True,
     selector: str = "cab",
-    score: str = "forman",
-    keep: str = "lowest",
+    score: str | None = None,
+    keep: str | None = None,
     lam: float = 0.5,
     norm: str = "blocks",
     hybrid: float = 0.0,
     scale: float | None = None,
-    coarsen: str = "max_l2",
+    coarsen: str | None = None,
     two_stage: bool = False,
     share_kv: bool = False,
     precision: str = "fp32",
@@ -331,7 +349,7 @@ def predict(
         selector: ``"cab"`` (curvature), ``"magnitude"`` (coarse logits, the same kernels minus the
             curvature) or ``"dense"``.
         score, keep, lam, norm, hybrid, coarsen, share_kv, scale: as in
-            :func:`cab_attention.select_blocks`.
+            :func:`cab_attention.select_blocks` (``None``: that selector's default there).
         two_stage: candidates = forced + the top ``2 r_i`` blocks by coarse logit, re-ranked by the
             triangle proxy computed for the candidates only (an approximation; see ``docs/kernels.md``).
         precision: ``"fp32"`` (default; equals the PyTorch path to float32 rounding), ``"tf32"`` or
@@ -345,6 +363,7 @@ def predict(
         A :class:`BlockSelection` (exact budgets, sink and diagonal kept, ties to the larger key block).
     """
     check_qkv(q, k)
+    score, keep, coarsen = selector_defaults(selector, score, keep, coarsen)
     check_block_size(block_size)
     check_sparsity(sparsity)
     if not isinstance(causal, bool):

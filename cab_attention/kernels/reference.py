@@ -33,13 +33,17 @@ def two_stage_reference(
     block_size: int = 64,
     sparsity: float = 0.9,
     causal: bool = True,
-    keep: str = "lowest",
+    keep: str | None = None,
     lam: float = 0.5,
     norm: str = "blocks",
     scale: float | None = None,
-    coarsen: str = "max_l2",
+    coarsen: str | None = None,
 ) -> BlockSelection:
-    """The two-stage selection in plain PyTorch. Shapes as :func:`cab_attention.select_blocks`."""
+    """The two-stage selection in plain PyTorch. Shapes as :func:`cab_attention.select_blocks`;
+    ``None`` options take ``cab``'s defaults there."""
+    from .predictor import selector_defaults
+
+    _, keep, coarsen = selector_defaults("cab", "triangle", keep, coarsen)
     grid = BlockGrid.of(q, k, block_size, causal)
     dev = q.device
     valid, forced = grid.valid(dev), grid.forced(dev)
