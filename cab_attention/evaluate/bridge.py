@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .report import bootstrap_ci, environment, markdown_table, wilson, write_csv, write_json, write_summary
+from .report import bootstrap_ci, comma_floats, comma_ints, environment, markdown_table, wilson, write_csv, write_json, write_summary
 
 N_NODES = 100
 COMMUNITY = 50
@@ -475,25 +475,11 @@ def run(
     return result
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cab eval bridge", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bridge", help="output folder (default runs/bridge)")
-    p.add_argument("--sparsities", type=_floats, default=list(DEFAULT_SPARSITIES))
-    p.add_argument("--noise", type=_ints, default=list(DEFAULT_NOISE), help="noise-edge counts of the sweep")
+    p.add_argument("--sparsities", type=comma_floats, default=list(DEFAULT_SPARSITIES))
+    p.add_argument("--noise", type=comma_ints, default=list(DEFAULT_NOISE), help="noise-edge counts of the sweep")
     p.add_argument("--seeds", type=int, default=None, help="seeds per sweep point (default 20 on CPU, 200 with cuda)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per node at block level")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: 200 seeds per point)")

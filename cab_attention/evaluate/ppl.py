@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .recall import Config, load_model, parse_spec, text_windows
-from .report import environment, markdown_table, write_csv, write_json, write_summary
+from .report import comma_floats, environment, markdown_table, write_csv, write_json, write_summary
 
 DEFAULT_SELECTORS = ("cab", "cab:keep=highest", "magnitude", "streaming", "antidiagonal")
 CPU_SELECTORS = ("cab", "magnitude", "streaming")
@@ -296,20 +296,13 @@ def run(
     return result
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cab eval ppl", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ppl", help="output folder (default runs/ppl)")
     p.add_argument("--device", default="cpu", help="cpu (small grid, no speed) or cuda (full grid, bfloat16, speed)")
     p.add_argument("--model", default=None, help="local model folder or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--selectors", nargs="+", default=None, metavar="SPEC", help="selector specs (cab:keep=highest, ...)")
-    p.add_argument("--sparsities", type=_floats, default=None)
+    p.add_argument("--sparsities", type=comma_floats, default=None)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per window")
     p.add_argument("--block-size", type=int, default=None,

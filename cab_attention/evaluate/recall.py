@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .report import bootstrap_ci, environment, markdown_table, write_csv, write_json, write_summary
+from .report import bootstrap_ci, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
 
 DEFAULT_CONFIGS = (
     "oracle",
@@ -508,13 +508,6 @@ def run(
     return result
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cab eval recall", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="output folder (default runs/recall, runs/ablation with --ablation)")
@@ -522,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="local model folder or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--configs", nargs="+", default=None, metavar="SPEC",
                    help="selector specs, e.g. cab cab:keep=highest magnitude (label@spec to name one)")
-    p.add_argument("--sparsities", type=_floats, default=None)
+    p.add_argument("--sparsities", type=comma_floats, default=None)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per window")
     p.add_argument("--block-size", type=int, default=64)

@@ -3,6 +3,7 @@ plus the statistics they share (Wilson intervals, bootstrap and paired differenc
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -101,3 +102,19 @@ def write_summary(path: Path, title: str, body: str, env: dict[str, Any] | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + body)
     return path
+
+
+def comma_floats(text: str) -> list[float]:
+    """argparse type: ``"0.8,0.9"`` -> ``[0.8, 0.9]``."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def comma_ints(text: str) -> list[int]:
+    """argparse type: ``"0,5,20"`` -> ``[0, 5, 20]``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
