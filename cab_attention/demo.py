@@ -27,7 +27,7 @@ from .evaluate.passkey import run_passkey, summary_table
 from .evaluate.report import environment, markdown_table, write_json, write_summary
 from .evaluate.text import passkey_keys, passkey_prompt
 from .execute import dense_attention, sparse_attention
-from .selectors import SEED_CAB_OPTIONS, SELECTORS, select_blocks
+from .selectors import SEED_CAB_OPTIONS, SELECTORS, resolve_options, select_blocks
 
 # The seed's configuration beside the default `cab`, so the demo shows both (docs/results.md).
 SEED_SPEC = "cab:" + ",".join(f"{k}={v}" for k, v in SEED_CAB_OPTIONS.items())
@@ -92,8 +92,10 @@ def plot_mask(q: torch.Tensor, k: torch.Tensor, *, sparsity: float, block_size: 
     needle_scores = scores[question_block, needle_blocks]
     for s in needle_scores.tolist():
         a2.axvline(s, color="tab:red", lw=1, label="needle edge (question row)")
-    a2.set_title(f"CAB curvature scores (augmented Forman), head {head}", fontsize=9)
-    a2.set_xlabel("curvature score (kept lowest by default)")
+    opts = resolve_options("cab", {})
+    form = "augmented Forman" if opts["score"] == "forman" else f"triangle proxy, lambda {opts['lam']:g}"
+    a2.set_title(f"CAB scores, head {head}: {form}, {opts['coarsen']} pooling", fontsize=9)
+    a2.set_xlabel(f"curvature score (the default keeps the {opts['keep']})")
     a2.set_ylabel("edges")
     handles, labels = a2.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))

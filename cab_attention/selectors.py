@@ -314,7 +314,7 @@ def select_blocks(
     num, idx = kv_layout(mask)
     diag = None
     if opts["return_diagnostics"]:
-        diag = dict(ctx.diag, priority=prio, mask=mask, budget=budget)
+        diag = dict(ctx.diag, priority=prio, order=order, mask=mask, budget=budget)
         if mass is not None:
             diag["mass"] = mass
     return BlockSelection(mask, num, idx, grid, selector, opts["share_kv"], diag)

@@ -228,10 +228,11 @@ def block_level(
             sel = select_blocks(q, k, selector=selector, sparsity=s, block_size=block_size, causal=False,
                                 return_diagnostics=True, **opts)
             out["retrieved"].setdefault(name, {})[key] = bool(sel.mask[0, 0, i, j])
-            # Rank of the bridge among row i's unforced blocks (1 = highest priority).
-            pr = sel.diagnostics["priority"][0, 0, i].float().cpu()
-            free = ~grid.forced()[i]
-            out["bridge_row_rank"].setdefault(name, {})[key] = int(((pr > pr[j]) & free).sum()) + 1
+            # Rank of the bridge among row i's unforced blocks in the library's own order (1 = first
+            # pick; includes the tie-break and any demotion, e.g. edges="positive").
+            order = sel.diagnostics["order"][0, 0, i].cpu()
+            n_forced = int(grid.forced()[i].sum())
+            out["bridge_row_rank"].setdefault(name, {})[key] = int((order == j).nonzero()[0, 0]) - n_forced + 1
             out.setdefault("density", {}).setdefault(name, {})[key] = sel.density
     return out
 
