@@ -9,7 +9,8 @@ Backends:
   mask's ``BLOCK_SIZE`` is the selection block size, and on CUDA the kernel tile is set to divide it
   (``BLOCK_M = min(block_size, 128)``, ``BLOCK_N = min(block_size, 64)``); FlexAttention's default tile
   (128 x 64) would refuse a 64-token mask.
-* ``auto``: ``flex`` on CUDA, ``reference`` elsewhere.
+* ``auto``: ``flex`` on CUDA (``reference`` for float64, which FlexAttention does not take there),
+  ``reference`` elsewhere.
 
 Fewer queries than one block (decode, tiny chunks) take a dense path: every causally valid key.
 """
@@ -181,9 +182,9 @@ def sparse_attention(
     selection: BlockSelection | None = None,
     selector: str = "cab",
     sparsity: float = 0.9,
-    block_size: int = 64,
     causal: bool = True,
     backend: str = "auto",
+    block_size: int | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Block-sparse attention: select (unless ``selection`` is given), then execute.
@@ -192,7 +193,9 @@ def sparse_attention(
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.
         selection: a :class:`BlockSelection` for these inputs; when given, ``selector``, ``sparsity`` and
             the selector options are not used.
-        backend: ``"auto"``, ``"reference"`` or ``"flex"``.
+        block_size: tokens per block (default 64; with ``selection``, the selection's).
+        backend: ``"auto"`` (flex for CUDA tensors FlexAttention takes, i.e. not float64; else
+            reference), ``"reference"`` or ``"flex"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
             attention scale (default ``D**-0.5``).
 
@@ -200,11 +203,13 @@ def sparse_attention(
         ``[B, Hq, Nq, D]`` in q's dtype.
     """
     check_qkv(q, k, v)
+    if block_size is None:
+        block_size = selection.grid.block_size if isinstance(selection, BlockSelection) else 64
     check_block_size(block_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "reference"
+        backend = "flex" if q.is_cuda and q.dtype != torch.float64 else "reference"
     if backend == "flex":
         check_flex_available(q, block_size)
     scale = options.get("scale")

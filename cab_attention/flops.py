@@ -16,7 +16,7 @@ def estimate_flops(
     batch: int = 1,
     causal: bool = True,
     selector: str = "cab",
-    score: str = "forman",
+    score: str = "triangle",
 ) -> dict[str, float]:
     """Estimate FLOPs of one prefill attention call.
 

@@ -9,7 +9,7 @@ in their scores.
 | selector       | priority                                                             |
 |----------------|----------------------------------------------------------------------|
 | ``dense``      | keeps every causally valid block                                     |
-| ``cab``        | curvature (augmented Forman by default, or the triangle proxy), keep lowest by default; ``hybrid`` mixes in the magnitude rank |
+| ``cab``        | curvature: the triangle proxy (default) or augmented Forman; keep highest (default) or lowest; mean coarsening by default (the pre-registered ablation's pick, docs/results.md; the seed's configuration is ``SEED_CAB_OPTIONS``); ``hybrid`` mixes in the magnitude rank |
 | ``magnitude``  | coarse logit ``qc . kc * scale`` (H2O-style heavy hitters at block level) |
 | ``streaming``  | recency: sink + the most recent blocks (StreamingLLM)                 |
 | ``random``     | seeded uniform draw                                                  |
@@ -89,7 +89,7 @@ SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
         "score": ("triangle", _choice("forman", "triangle")),
         "keep": ("highest", _choice("lowest", "highest")),
         "coarsen": ("mean", _choice(*COARSEN_METHODS)),
-        "lam": (0.5, _number(0.0, math.inf)),
+        "lam": (0.5, _number(0.0, math.inf, hi_open=True)),
         "norm": ("blocks", _choice(*S.TRIANGLE_NORMS)),
         "hybrid": (0.0, _number(0.0, 1.0)),
         # "causal": every causally valid block pair is an edge (weight relu(logit), possibly 0).
@@ -146,10 +146,14 @@ def _masked_softmax(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def _row_rank01(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Rank of each valid entry within its row, scaled to [0, 1] (1 = highest priority)."""
-    p = p.masked_fill(~valid, float("-inf"))
-    ranks = torch.argsort(torch.argsort(p, dim=-1, stable=True), dim=-1, stable=True).float()
+    # NaN ranks below every number (as in select.rank_order); invalid entries sort below everything,
+    # so a valid -inf still ranks above them.
+    big = float(torch.finfo(torch.float32).max)
+    p = torch.nan_to_num(p.double(), nan=-2 * big, posinf=big, neginf=-big)  # finite in float64
+    key = torch.where(valid, p, torch.full_like(p, float("-inf")))
+    ranks = torch.argsort(torch.argsort(key, dim=-1, stable=True), dim=-1, stable=True).float()
     n_valid = valid.sum(-1, keepdim=True).float()
-    # Invalid entries sort first (as -inf), so shift ranks down by their count.
+    # Invalid entries sort first, so shift ranks down by their count.
     ranks = ranks - (valid.shape[-1] - n_valid)
     return ranks / (n_valid - 1).clamp_min(1)
 

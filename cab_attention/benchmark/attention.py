@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    bench_options,
     Recorder,
     build_mask_fn,
     build_parser,
@@ -134,7 +135,7 @@ def sparse_cases(cfg, rec: Recorder, q, k, v, n: int, batch: int, sparsities: li
         for bs in cfg.block_sizes:
             suffix = "" if bs == main_bs else f"@bs{bs}"
             try:
-                sel = select_blocks(q, k, selector="cab", sparsity=s, block_size=bs, causal=True)
+                sel = select_blocks(q, k, selector="cab", sparsity=s, block_size=bs, causal=True, **bench_options("cab"))
             except Exception as e:  # noqa: BLE001
                 rec.skip(f"attention:cab-sparse{att_tag}{suffix}", n, batch, f"selection failed: {type(e).__name__}: {e}",
                          sparsity=s, block_size=bs)

@@ -469,18 +469,29 @@ def predictor_impls(choice, device: str) -> tuple[list[str], dict[str, str]]:
     return out, notes
 
 
+def bench_options(selector: str) -> dict[str, Any]:
+    """Selector options every benchmark case uses: the seed's CAB configuration (augmented Forman, keep
+    lowest, max-L2), spelled out so that the recorded figures stay comparable when library defaults
+    move. The default triangle proxy needs the same ``A @ A`` and costs the same within noise."""
+    from cab_attention.selectors import SEED_CAB_OPTIONS
+
+    return dict(SEED_CAB_OPTIONS) if selector == "cab" else {}
+
+
 def predict_fn(impl: str, selector: str, q, k, *, sparsity: float, block_size: int) -> Callable[[], Any] | None:
     """A zero-argument callable returning a ``BlockSelection``, or ``None`` when this implementation
     does not cover ``selector``."""
     from cab_attention import select_blocks
 
+    opts = bench_options(selector)
     if impl == "torch":
-        return lambda: select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True)
+        return lambda: select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True, **opts)
     mod = _kernels_module()
     if selector not in getattr(mod, "SUPPORTED_SELECTORS", ("cab",)):
         return None
     kw = dict(IMPL_OPTIONS[impl] or {})
-    return lambda: mod.predict(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True, **kw)
+    return lambda: mod.predict(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True,
+                               **opts, **kw)
 
 
 def build_mask_fn(impl: str) -> Callable[[Any], Any]:
@@ -497,7 +508,7 @@ def stage_fns(impl: str, q, k, *, sparsity: float, block_size: int, selector: st
     """The predictor's stages as chained callables ``coarsen() -> score(c) -> select(s) -> mask(sel)``.
 
     torch: the library's own stage functions, in the order :func:`cab_attention.select_blocks` runs
-    them for the selector's default options (cab: augmented Forman, keep lowest). Triton:
+    them for :func:`bench_options` (cab: augmented Forman, keep lowest, max-L2). Triton:
     ``kernels.coarsen_stage``, ``score_stage``, ``select_stage`` (the row budget included) and
     ``block_mask``.
     """
@@ -515,8 +526,8 @@ def stage_fns(impl: str, q, k, *, sparsity: float, block_size: int, selector: st
             return BlockSelection(mask, num, idx, grid, selector)
 
         return {
-            "coarsen": lambda: mod.coarsen_stage(q, k, grid),
-            "score": lambda c: mod.score_stage(c[0], c[1], grid, selector=selector, **kw),
+            "coarsen": lambda: mod.coarsen_stage(q, k, grid, "max_l2"),
+            "score": lambda c: mod.score_stage(c[0], c[1], grid, selector=selector, score="forman", keep="lowest", **kw),
             "select": t_select,
             "mask": mod.block_mask,
         }

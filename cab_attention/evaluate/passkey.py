@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/passkey", help="output folder (default runs/passkey)")
     ap.add_argument("--lengths", help="comma-separated context lengths in tokens (default CPU 1024,2048; CUDA 1024..8192)")
     ap.add_argument("--depths", help="comma-separated needle depths in [0, 1] (default CPU 0.25,0.75; CUDA 0.1..0.9)")
-    ap.add_argument("--selectors", help="selector specs, e.g. 'dense,cab,cab:keep=highest,magnitude' "
+    ap.add_argument("--selectors", help="selector specs, e.g. 'dense,cab,cab:score=forman,keep=lowest,coarsen=max_l2,magnitude' "
                     "(a comma item with '=' continues the previous spec's options; default CPU dense,cab,magnitude,"
                     "streaming; CUDA all)")
     ap.add_argument("--sparsities", help="comma-separated sparsities in [0, 1) (default CPU 0.5,0.8; CUDA 0.5,0.8,0.9,0.95,0.98)")

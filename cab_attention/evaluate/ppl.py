@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from .recall import Config, load_model, parse_spec, text_windows
 from .report import comma_floats, environment, markdown_table, write_csv, write_json, write_summary
 
-DEFAULT_SELECTORS = ("cab", "cab:keep=highest", "magnitude", "streaming", "antidiagonal")
+DEFAULT_SELECTORS = ("cab", "cab-seed@cab:score=forman,keep=lowest,coarsen=max_l2",
+                     "cab:score=forman,keep=highest,coarsen=max_l2", "magnitude", "streaming", "antidiagonal")
 CPU_SELECTORS = ("cab", "magnitude", "streaming")
 
 
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ppl", help="output folder (default runs/ppl)")
     p.add_argument("--device", default="cpu", help="cpu (small grid, no speed) or cuda (full grid, bfloat16, speed)")
     p.add_argument("--model", default=None, help="local model folder or .gguf file (default: bundled SmolLM2)")
-    p.add_argument("--selectors", nargs="+", default=None, metavar="SPEC", help="selector specs (cab:keep=highest, ...)")
+    p.add_argument("--selectors", nargs="+", default=None, metavar="SPEC", help="selector specs (cab:score=forman,keep=lowest, ...)")
     p.add_argument("--sparsities", type=comma_floats, default=None)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per window")

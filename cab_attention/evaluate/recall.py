@@ -14,8 +14,7 @@ Both come from one pass over the dense probabilities per layer: with ``P`` the c
 ``U[t, j] = sum_{s in block j} P[t, s] v_s``, a mask ``m`` gives ``recall_t = sum_j m_tj P_t(block j)`` and
 ``O_sparse[t] = sum_j m_tj U[t, j] / recall_t``, which is exactly the softmax renormalised over the kept
 blocks. Selection goes through the library (:func:`cab_attention.select_blocks`; for several sparsities
-the priority is computed once and ranked with the library's :func:`~cab_attention.select.rank_order`
-and exact per-row budgets), so every method has the same, exactly counted budget.
+the library's rank order is computed once and cut at each sparsity's exact per-row budgets), so every method has the same, exactly counted budget.
 
 Selector configurations are spec strings: ``name`` or ``name:opt=value,opt=value`` (``cab:keep=highest``,
 ``cab:score=triangle,lam=0``, ``magnitude:coarsen=mean``; parsed by
@@ -132,7 +131,7 @@ def config_masks(
     Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets;
     adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
     """
-    from ..select import keep_first, rank_order
+    from ..select import keep_first
     from ..selectors import select_blocks
 
     opts = dict(cfg.options)
@@ -149,7 +148,9 @@ def config_masks(
             mask = sel.query_head_mask()
             if reuse:
                 first = sel.diagnostics["priority"]
-                order = rank_order(first, grid.valid(q.device), grid.forced(q.device))
+                # The library's own order: it includes any demotion (cab edges="positive"), which a
+                # re-ranking of the priority alone would lose.
+                order = sel.diagnostics["order"]
                 if sel.shared_kv:
                     order = order.repeat_interleave(grid.group, dim=1)
         else:
@@ -514,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (small grid) or cuda (full grid, bfloat16)")
     p.add_argument("--model", default=None, help="local model folder or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--configs", nargs="+", default=None, metavar="SPEC",
-                   help="selector specs, e.g. cab cab:keep=highest magnitude (label@spec to name one)")
+                   help="selector specs, e.g. cab cab:score=forman,keep=lowest magnitude (label@spec to name one)")
     p.add_argument("--sparsities", type=comma_floats, default=None)
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per window")

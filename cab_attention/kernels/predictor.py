@@ -105,8 +105,8 @@ def score_stage(
     grid: BlockGrid,
     *,
     selector: str = "cab",
-    score: str = "forman",
-    keep: str = "lowest",
+    score: str | None = None,
+    keep: str | None = None,
     lam: float = 0.5,
     norm: str = "blocks",
     hybrid: float = 0.0,
@@ -128,7 +128,9 @@ def score_stage(
     ``"matmul"`` (``R = torch.matmul(A[..., lo:lo+Mq], A)`` by the vendor library, full square product
     in ``A``'s dtype, then the same kernel's epilogue): which is faster is measured, not assumed
     (``scripts/gpu_kernels.py``). ``tiles``: ``(BM, BN, BK, num_warps)`` of the curvature kernel.
+    ``score``/``keep`` ``None``: the selector's defaults in :func:`cab_attention.select_blocks`.
     """
+    score, keep, _ = selector_defaults(selector, score, keep, "max_l2")
     scale = grid.head_dim**-0.5 if scale is None else float(scale)
     lo, causal = grid.block_offset, grid.causal
     if selector == "magnitude":
@@ -282,8 +284,8 @@ def check_options(
         raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-        raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if isinstance(hybrid, bool) or not isinstance(hybrid, (int, float)) or not 0 <= hybrid <= 1:
         raise ValueError(f"hybrid must be a number in [0, 1], got {hybrid!r}")
     if coarsen not in COARSEN_CODES:

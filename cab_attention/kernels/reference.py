@@ -11,7 +11,7 @@ budget ``k_i``, ``f_i`` forced blocks and ``r_i = k_i - f_i`` free picks:
 3. keep the forced blocks and the ``r_i`` best candidates (the :mod:`cab_attention.select` order).
 
 It is an approximation of the one-stage triangle selection: a block outside the affinity top ``2 r_i``
-can never be kept, however low its curvature. Here ``R`` is computed in full (this is the reference);
+can never be kept, however its curvature ranks. Here ``R`` is computed in full (this is the reference);
 the Triton kernel computes it for the candidates only.
 """
 
