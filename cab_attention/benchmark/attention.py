@@ -36,24 +36,17 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    bench_options,
     Recorder,
+    bench_options,
     build_mask_fn,
-    build_parser,
-    checkpoint,
     dense_causal_flops,
-    finish,
     flex_runner,
-    group_view,
     free_memory,
     head_impl,
-    header,
     headline,
     make_inputs,
     merge_selection,
-    plan,
-    resolve,
-    setup_torch,
+    run_cli,
     tile_flops,
     total_fn,
 )
@@ -196,28 +189,7 @@ def run_group(cfg, rec: Recorder, n: int, batch: int, sparsities: list[float]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("cab bench attention", __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    cfg = resolve(args, "cab bench attention")
-    if cfg is None:
-        return 2
-    restore = setup_torch(cfg.cuda)
-    try:
-        print(header(cfg, "attention"), flush=True)
-        rec = Recorder(cfg, log=lambda s: print(s, flush=True))
-        for group in plan(cfg):
-            n, batch = group.n, group.batch
-            print(f"N={n} B={batch}" + (" (batch sweep: main block size, cab and magnitude)" if group.light else ""), flush=True)
-            try:
-                run_group(group_view(cfg, group), rec, n, batch, list(group.sparsities))
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory creating the inputs
-                rec.skip("attention:group", n, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                free_memory(cfg.cuda)
-            checkpoint(cfg, rec)
-            print(f"  (group N={n} B={batch} done; {cfg.budget.elapsed():.0f} s elapsed)", flush=True)
-        return finish(cfg, rec, "attention")
-    finally:
-        restore()
+    return run_cli("attention", __doc__.split("\n\n")[0], lambda view, rec, n, batch, sparsities, light: run_group(view, rec, n, batch, sparsities), argv)
 
 
 if __name__ == "__main__":

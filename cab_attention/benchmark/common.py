@@ -818,3 +818,31 @@ def finish(cfg: Config, rec: Recorder, what: str) -> int:
     if failed:
         print(f"  {len(failed)} case(s) failed (status column says why)")
     return 0
+
+
+def run_cli(kind: str, doc: str, run_group: Callable[..., Any], argv: list[str] | None = None) -> int:
+    """The shared driver of ``cab bench predictor|attention``: parse, plan the (N, B) groups, run each
+    as ``run_group(cfg_view, recorder, n, batch, sparsities, light)``, record a failing group as a
+    skipped row (e.g. out of memory) and go on, checkpoint the CSV after every group, finish."""
+    parser = build_parser(f"cab bench {kind}", doc)
+    args = parser.parse_args(argv)
+    cfg = resolve(args, f"cab bench {kind}")
+    if cfg is None:
+        return 2
+    restore = setup_torch(cfg.cuda)
+    try:
+        print(header(cfg, kind), flush=True)
+        rec = Recorder(cfg, log=lambda s: print(s, flush=True))
+        for group in plan(cfg):
+            n, batch = group.n, group.batch
+            print(f"N={n} B={batch}" + (" (batch sweep: main block size, cab and magnitude)" if group.light else ""), flush=True)
+            try:
+                run_group(group_view(cfg, group), rec, n, batch, list(group.sparsities), group.light)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory creating the inputs
+                rec.skip(f"{kind}:group", n, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                free_memory(cfg.cuda)
+            checkpoint(cfg, rec)
+            print(f"  (group N={n} B={batch} done; {cfg.budget.elapsed():.0f} s elapsed)", flush=True)
+        return finish(cfg, rec, kind)
+    finally:
+        restore()

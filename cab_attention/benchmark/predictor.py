@@ -24,18 +24,11 @@ import sys
 from .common import (
     Recorder,
     build_mask_fn,
-    build_parser,
-    checkpoint,
-    finish,
     free_memory,
-    group_view,
-    header,
     headline,
     make_inputs,
-    plan,
     predict_fn,
-    resolve,
-    setup_torch,
+    run_cli,
     stage_fns,
 )
 
@@ -104,28 +97,7 @@ def stage_breakdown(cfg, rec: Recorder, impl: str, q, k, n: int, batch: int, spa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("cab bench predictor", __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    cfg = resolve(args, "cab bench predictor")
-    if cfg is None:
-        return 2
-    restore = setup_torch(cfg.cuda)
-    try:
-        print(header(cfg, "predictor"), flush=True)
-        rec = Recorder(cfg, log=lambda s: print(s, flush=True))
-        for group in plan(cfg):
-            n, batch = group.n, group.batch
-            print(f"N={n} B={batch}" + (" (batch sweep: main block size, cab and magnitude)" if group.light else ""), flush=True)
-            try:
-                run_group(group_view(cfg, group), rec, n, batch, list(group.sparsities), group.light)
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory creating the inputs
-                rec.skip("predictor:group", n, batch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                free_memory(cfg.cuda)
-            checkpoint(cfg, rec)
-            print(f"  (group N={n} B={batch} done; {cfg.budget.elapsed():.0f} s elapsed)", flush=True)
-        return finish(cfg, rec, "predictor")
-    finally:
-        restore()
+    return run_cli("predictor", __doc__.split("\n\n")[0], run_group, argv)
 
 
 if __name__ == "__main__":
