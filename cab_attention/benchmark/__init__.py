@@ -1,1 +1,5 @@
-"""Stage 7, benchmark: GPU timings of the predictor and the attention (``cab bench ...``)."""
+"""Deprecated: moved to ``cab_eval.benchmark`` (the ``[eval]`` extra); this alias goes in the next release."""
+
+from cab_eval.moved import alias
+
+alias(__name__)

@@ -1,1 +1,5 @@
-"""Stage 6, evaluate: does a selector keep what attention needs? (bridge, passkey, recall, ppl)."""
+"""Deprecated: moved to ``cab_eval.evaluate`` (the ``[eval]`` extra); this alias goes in the next release."""
+
+from cab_eval.moved import alias
+
+alias(__name__)

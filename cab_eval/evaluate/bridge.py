@@ -200,8 +200,9 @@ def block_level(
     a: np.ndarray, sparsities: Sequence[float], block_size: int, methods: Sequence[str] | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Run the library's selectors on the graph; which of them keep the bridge block."""
-    from ..geometry import BlockGrid
-    from ..selectors import SEED_CAB_OPTIONS, select_blocks
+    from cab_attention.geometry import BlockGrid
+    from cab_attention import select_blocks
+    from cab_attention.options import FORMAN_KEEP_LOWEST_MAXL2
 
     table = {m[0]: m for m in BLOCK_METHODS}
     names = list(methods) if methods is not None else list(table)
@@ -215,7 +216,7 @@ def block_level(
     # The library's own curvature of the bridge block edge (on the coarse graph it builds).
     grid = BlockGrid.of(q, k, block_size, False)
     d = select_blocks(q, k, selector="cab", sparsity=0.9, block_size=block_size, causal=False, return_diagnostics=True,
-                      **SEED_CAB_OPTIONS).diagnostics
+                      **FORMAN_KEEP_LOWEST_MAXL2).diagnostics
     out["bridge_curvature_library"] = float(d["scores"][0, 0, i, j])
     out["coarse_affinity_error"] = float((d["A"][0, 0].cpu() - torch.from_numpy(a)).abs().max())
     for s in sparsities:

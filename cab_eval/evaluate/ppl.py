@@ -92,9 +92,9 @@ def _cuda_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
 
 def _speed(model, ids: torch.Tensor, cfg: Config | None, sparsity: float, block_size: int, reps: int) -> dict[str, float]:
     """CUDA timings of one config (``cfg`` None: the model's own dense attention)."""
-    from .. import hf
-    from ..execute import sparse_attention
-    from ..selectors import select_blocks
+    from cab_attention import hf
+    from cab_attention.execute import sparse_attention
+    from cab_attention import select_blocks
 
     dev = next(model.parameters()).device
     x = ids[None].to(dev)
@@ -193,8 +193,8 @@ def run(
     """The perplexity evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``."""
     from tqdm.auto import tqdm
 
-    from .. import hf
-    from ..geometry import check_block_size, check_sparsity
+    from cab_attention import hf
+    from cab_attention.geometry import check_block_size, check_sparsity
 
     check_block_size(block_size)
     for s in sparsities:

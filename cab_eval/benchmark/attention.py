@@ -35,21 +35,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    Recorder,
-    bench_options,
-    build_mask_fn,
-    dense_causal_flops,
-    flex_runner,
-    free_memory,
-    head_impl,
-    headline,
-    make_inputs,
-    merge_selection,
-    run_cli,
-    tile_flops,
-    total_fn,
-)
+from .cli import headline, run_cli
+from .implementations import bench_options, build_mask_fn, flex_runner, head_impl, merge_selection, total_fn
+from .inputs import dense_causal_flops, make_inputs, tile_flops
+from .io import CaseRecorder
+from .timing import free_memory
 
 
 def _sdpa_fn(q, k, v, backend_name: str):
@@ -81,7 +71,7 @@ def _sdpa_fn(q, k, v, backend_name: str):
     return repeated, f"ok: K/V repeated for GQA (enable_gqa refused: {first})"
 
 
-def dense_cases(cfg, rec: Recorder, q, k, v, n: int, batch: int) -> None:
+def dense_cases(cfg, rec: CaseRecorder, q, k, v, n: int, batch: int) -> None:
     flops = dense_causal_flops(batch, cfg.heads, n, cfg.head_dim)
     if not cfg.cuda:
         from cab_attention import dense_attention
@@ -110,7 +100,7 @@ def dense_cases(cfg, rec: Recorder, q, k, v, n: int, batch: int) -> None:
     rec.measure("attention:flex-dense", n, batch, make_flex_dense, block_size=dense_bs, density=1.0, flops=flops)
 
 
-def sparse_cases(cfg, rec: Recorder, q, k, v, n: int, batch: int, sparsities: list[float]) -> None:
+def sparse_cases(cfg, rec: CaseRecorder, q, k, v, n: int, batch: int, sparsities: list[float]) -> None:
     """Per sparsity: the attention kernel over CAB's mask (each block-size variant) and CAB end to end
     with the headline predictor; at the headline sparsity also CAB with every predictor implementation
     and at 128-token selection, and the magnitude and antidiagonal baselines end to end (the
@@ -179,7 +169,7 @@ def sparse_cases(cfg, rec: Recorder, q, k, v, n: int, batch: int, sparsities: li
         free_memory(cfg.cuda)
 
 
-def run_group(cfg, rec: Recorder, n: int, batch: int, sparsities: list[float]) -> None:
+def run_group(cfg, rec: CaseRecorder, n: int, batch: int, sparsities: list[float]) -> None:
     q, k, v = make_inputs(cfg, n, batch)
     dense_cases(cfg, rec, q, k, v, n, batch)
     free_memory(cfg.cuda)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import read_csv
+from .io import read_csv
 
 STAGES = ("coarsen", "score", "select", "mask")
 

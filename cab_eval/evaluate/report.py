@@ -118,3 +118,67 @@ def comma_ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
+
+
+class RowsFile:
+    """A CSV that grows as an evaluation runs, so that an interrupted run leaves its finished work on
+    disk and a rerun with ``--resume`` can skip it.
+
+    ``append(rows)`` writes rows at once (header first, fields fixed by the first row; later fields not
+    in the header are refused). Cells are JSON (``true``, ``0.5``, ``{"keep": "highest"}``) except strings,
+    written as they are; ``read()`` turns them back into Python values, keeping the ``text_fields``
+    (free text such as a model's output) as strings.
+    """
+
+    def __init__(self, path: Path, text_fields: Sequence[str] = ()):
+        self.path = Path(path)
+        self.text_fields = set(text_fields)
+        self.fields: list[str] | None = None
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open(newline="") as f:
+                self.fields = next(csv.reader(f), None)
+
+    def start(self, resume: bool) -> list[dict[str, Any]]:
+        """The rows already on disk when ``resume`` (the file is kept); otherwise empty the file."""
+        if resume:
+            return self.read()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        self.fields = None
+        return []
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = self.fields is None
+        if new:
+            self.fields = list(rows[0])
+        extra = {k for r in rows for k in r} - set(self.fields)
+        if extra:
+            raise ValueError(f"rows for {self.path} have fields {sorted(extra)} not in its header {self.fields}")
+        with self.path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(self.fields)
+            for r in rows:
+                w.writerow([_cell(r.get(k, "")) for k in self.fields])
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists() or not self.path.stat().st_size:
+            return []
+        with self.path.open(newline="") as f:
+            return [{k: (v if k in self.text_fields else _value(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, default=float)
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

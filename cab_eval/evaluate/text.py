@@ -49,7 +49,7 @@ def parse_selector_spec(spec: str) -> tuple[str, dict[str, Any]]:
     Values become bool (``true``/``false``), ``None`` (``none``), int, float, else str. The name and
     options are validated against the selector's option table; a bad spec raises ``ValueError``.
     """
-    from ..selectors import resolve_options
+    from cab_attention.options import resolve_options
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"selector spec must be a string like 'cab' or 'cab:keep=highest,lam=0', got {spec!r}")

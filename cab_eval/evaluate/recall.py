@@ -108,7 +108,7 @@ def default_dtype(device: str) -> torch.dtype:
 def load_model(device: str = "cpu", model: str | None = None, dtype: torch.dtype | None = None):
     """``(model, tokenizer)``: SmolLM2 through :func:`cab_attention.hf.load_smollm2` by default, or a local
     model folder / GGUF file. float32 on CPU, bfloat16 on CUDA unless ``dtype`` says otherwise."""
-    from .. import hf
+    from cab_attention import hf
 
     dtype = dtype or default_dtype(device)
     if model is None:
@@ -131,8 +131,8 @@ def config_masks(
     Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets;
     adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
     """
-    from ..select import keep_first
-    from ..selectors import select_blocks
+    from cab_attention.select import keep_first
+    from cab_attention import select_blocks
 
     opts = dict(cfg.options)
     if scale is not None and "scale" not in opts:
@@ -377,24 +377,27 @@ def _plots(out: Path, summary: list[dict[str, Any]], layers: list[dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import coincidences, legend_label, line_style
+
     methods = list(dict.fromkeys(r["method"] for r in summary))
     sps = sorted({r["sparsity"] for r in summary})
+    same = same_values(summary)
     files = []
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for m in methods:
+    for i, m in enumerate(methods):
         sub = sorted((r for r in summary if r["method"] == m), key=lambda r: r["sparsity"])
         x = [r["sparsity"] for r in sub]
         for ax, key in zip(axes, ("recall", "rel_err")):
             y = [r[key] for r in sub]
             err = [[r[key] - r[f"{key}_lo"] for r in sub], [r[f"{key}_hi"] - r[key] for r in sub]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=m, ls="--" if m == "oracle" else "-")
+            ax.errorbar(x, y, yerr=err, capsize=3, label=legend_label(m, same), **line_style(i))
     axes[0].set_ylabel("attention recall (mean over tokens, heads, layers)")
     axes[1].set_ylabel("relative output error ||O_s - O|| / ||O||")
     for ax in axes:
         ax.set_xlabel("sparsity")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Recall and error vs sparsity (95% bootstrap CI over windows)")
+    fig.suptitle("Recall and error vs sparsity (95% bootstrap CI over windows; '(= x)': same values as x)")
     fig.tight_layout()
     p = out / f"{prefix}_vs_sparsity.png"
     fig.savefig(p, dpi=120)
@@ -403,21 +406,37 @@ def _plots(out: Path, summary: list[dict[str, Any]], layers: list[dict[str, Any]
 
     fig, axes = plt.subplots(1, len(sps), figsize=(5.5 * len(sps), 4.2), squeeze=False)
     for ax, s in zip(axes[0], sps):
-        for m in methods:
-            sub = sorted((r for r in layers if r["method"] == m and r["sparsity"] == s), key=lambda r: r["layer"])
-            ax.plot([r["layer"] for r in sub], [r["recall"] for r in sub], marker=".", label=m,
-                    ls="--" if m == "oracle" else "-")
+        curves = {m: sorted((r for r in layers if r["method"] == m and r["sparsity"] == s), key=lambda r: r["layer"])
+                  for m in methods}
+        same_s = coincidences({m: [r["recall"] for r in c] for m, c in curves.items()})
+        for i, m in enumerate(methods):
+            sub = curves[m]
+            ax.plot([r["layer"] for r in sub], [r["recall"] for r in sub], label=legend_label(m, same_s),
+                    **{**line_style(i), "ms": 4})
         ax.set_title(f"sparsity {s:g}")
         ax.set_xlabel("layer")
         ax.set_ylabel("recall")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     p = out / f"{prefix}_per_layer.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
     files.append(p.name)
     return files
+
+
+def same_values(summary: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Methods whose recall and error equal an earlier method's at every sparsity (see
+    :func:`cab_eval.plotting.coincidences`): such lines overlap in the plots, and the tables say so."""
+    from ..plotting import coincidences
+
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    vals = {}
+    for m in methods:
+        sub = sorted((r for r in summary if r["method"] == m), key=lambda r: r["sparsity"])
+        vals[m] = [r["recall"] for r in sub] + [r["rel_err"] for r in sub]
+    return coincidences(vals)
 
 
 def run(
@@ -439,7 +458,7 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    from ..geometry import check_block_size, check_sparsity
+    from cab_attention.geometry import check_block_size, check_sparsity
 
     check_block_size(block_size)
     for s in sparsities:
@@ -485,11 +504,12 @@ def run(
         "(kept = budget, density = kept / causally valid blocks); 'free' counts the kept blocks beyond the forced "
         "sink and diagonal, the only ones where selectors can differ.\n\n"
     )
+    same = same_values(summary)
     body += markdown_table([
         {"method": r["method"], "sparsity": r["sparsity"], "recall": f"{r['recall']:.3f} [{r['recall_lo']:.3f}, {r['recall_hi']:.3f}]",
          "rel. error": f"{r['rel_err']:.3f} [{r['rel_err_lo']:.3f}, {r['rel_err_hi']:.3f}]", "density": f"{r['density']:.4f}",
          "kept = budget": f"{r['kept_blocks']} = {r['budget_blocks']}" if r["exact_budget"] else f"{r['kept_blocks']} != {r['budget_blocks']}",
-         "free": r["free_blocks"]}
+         "free": r["free_blocks"], "same values as": ", ".join(same.get(r["method"], [])) or "-"}
         for r in summary
     ])
     if ablation:

@@ -1,0 +1,225 @@
+"""What the benchmarks time: the predictor implementations, their stages, the attention runners.
+
+A predictor implementation is ``torch`` (:func:`cab_attention.select_blocks`, the library's PyTorch
+path) or a Triton one (:func:`cab_attention.kernels.predict` with the options of :data:`IMPL_OPTIONS`).
+The stage breakdown calls each implementation's own stage functions (``coarsen_stage``,
+``score_stage``, ``select_stage``: :mod:`cab_attention.select` for torch, :mod:`cab_attention.kernels`
+for Triton), so the benchmark times the library's code, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+
+
+def _kernels_module():
+    return importlib.import_module("cab_attention.kernels")
+
+
+# Predictor implementations: ``torch`` is :func:`cab_attention.select_blocks`; the others are
+# :func:`cab_attention.kernels.predict` with these keyword arguments (``precision="fp32"`` equals the
+# torch path to float32 rounding; ``"bf16"`` is the kernels' fast, approximate tensor-core path).
+IMPL_OPTIONS: dict[str, dict[str, Any] | None] = {
+    "torch": None,
+    "triton": {},
+    "triton-bf16": {"precision": "bf16"},
+    "triton-tf32": {"precision": "tf32"},
+}
+
+
+AUTO_IMPLS = ("torch", "triton", "triton-bf16")
+
+
+def check_impls(names: list[str]) -> list[str]:
+    """``names`` if each is ``auto``, ``both`` or a key of :data:`IMPL_OPTIONS`; else ``ValueError``."""
+    for n in names:
+        if n not in ("auto", "both") and n not in IMPL_OPTIONS:
+            raise ValueError(f"--impl takes auto or names from {tuple(IMPL_OPTIONS)}, got {n!r}")
+    return names
+
+
+def triton_unavailable(device: str) -> str | None:
+    """Why the Triton predictor cannot run here, or ``None``."""
+    if device != "cuda":
+        return "the benchmarks run the Triton predictor on CUDA only"
+    try:
+        mod = _kernels_module()
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"cab_attention.kernels does not import: {type(e).__name__}: {e}"
+    if not callable(getattr(mod, "predict", None)):
+        return "cab_attention.kernels has no predict()"
+    why = getattr(mod, "unavailable_reason", lambda *a: None)("cuda")
+    if why:
+        return why
+    if not getattr(mod, "HAS_TRITON", True):
+        return f"triton failed to import: {getattr(mod, 'IMPORT_ERROR', '?')}"
+    return None
+
+
+def predictor_impls(choice, device: str) -> tuple[list[str], dict[str, str]]:
+    """Which predictor implementations run, and a note per implementation (why one did not run)."""
+    names = check_impls([p.strip() for p in choice.split(",") if p.strip()] if isinstance(choice, str) else list(choice))
+    if "auto" in names:
+        names = list(AUTO_IMPLS)
+    elif "both" in names:
+        names = ["torch", "triton"]
+    why = triton_unavailable(device)
+    notes = {"torch": "cab_attention.select_blocks (PyTorch ops)"}
+    out = []
+    for n in dict.fromkeys(names):
+        if n == "torch":
+            out.append(n)
+        elif why is None:
+            out.append(n)
+            notes[n] = f"cab_attention.kernels.predict(**{IMPL_OPTIONS[n]})"
+        else:
+            notes[n] = f"not run: {why}"
+    if "torch" not in names:
+        notes.pop("torch")
+    return out, notes
+
+
+def head_impl(impls) -> str:
+    """The predictor implementation that headlines: ``triton`` (exact), else another Triton one, else torch."""
+    if "triton" in impls:
+        return "triton"
+    return next((i for i in impls if i != "torch"), "torch")
+
+
+def bench_options(selector: str) -> dict[str, Any]:
+    """Selector options every benchmark case uses: for ``cab`` the named configuration
+    :data:`cab_attention.options.FORMAN_KEEP_LOWEST_MAXL2` (augmented Forman, keep
+    lowest, max-L2), spelled out so that the recorded figures stay comparable when library defaults
+    move. The default triangle proxy needs the same ``A @ A`` and costs the same within noise."""
+    from cab_attention.options import FORMAN_KEEP_LOWEST_MAXL2
+
+    return dict(FORMAN_KEEP_LOWEST_MAXL2) if selector == "cab" else {}
+
+
+def predict_fn(impl: str, selector: str, q, k, *, sparsity: float, block_size: int) -> Callable[[], Any] | None:
+    """A zero-argument callable returning a ``BlockSelection``, or ``None`` when this implementation
+    does not cover ``selector``."""
+    from cab_attention import select_blocks
+
+    opts = bench_options(selector)
+    if impl == "torch":
+        return lambda: select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True, **opts)
+    mod = _kernels_module()
+    if selector not in getattr(mod, "SUPPORTED_SELECTORS", ("cab",)):
+        return None
+    kw = dict(IMPL_OPTIONS[impl] or {})
+    return lambda: mod.predict(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True,
+                               **opts, **kw)
+
+
+def build_mask_fn(impl: str) -> Callable[[Any], Any]:
+    """The implementation's BlockMask builder: the kernels' own (``kernels.block_mask``) for Triton
+    implementations, :meth:`BlockSelection.to_block_mask` for torch."""
+    if impl != "torch":
+        fn = getattr(_kernels_module(), "block_mask", None)
+        if callable(fn):
+            return fn
+    return lambda sel: sel.to_block_mask()
+
+
+def stage_fns(impl: str, q, k, *, sparsity: float, block_size: int, selector: str = "cab") -> dict[str, Callable]:
+    """The predictor's stages as chained callables ``coarsen() -> score(c) -> select(s) -> mask(sel)``.
+
+    Each implementation's own stage functions with the options of :func:`bench_options`: for torch
+    :func:`cab_attention.select.coarsen_stage`, ``score_stage`` and ``select_stage`` (what
+    :func:`cab_attention.select_blocks` runs) and :meth:`BlockSelection.to_block_mask`; for Triton
+    the same-named functions of :mod:`cab_attention.kernels` and ``kernels.block_mask``. The row budget
+    is the exact fixed-sparsity budget of :meth:`BlockGrid.budget`, computed once outside the timing.
+    """
+    from cab_attention.geometry import BlockGrid
+    from cab_attention.selection import BlockSelection
+
+    grid = BlockGrid.of(q, k, block_size, True)
+    budget = grid.budget(sparsity, q.device)
+    if impl == "torch":
+        mod, kw = importlib.import_module("cab_attention.select"), {}
+    else:
+        mod, kw = _kernels_module(), dict(IMPL_OPTIONS[impl] or {})
+        budget = budget.to(torch.int32)
+    opts = bench_options(selector)
+    coarsen = opts.pop("coarsen", "max_l2")
+
+    def select(scores):
+        mask, num, idx = mod.select_stage(scores, grid, budget)
+        return BlockSelection(mask, num, idx, grid, selector)
+
+    return {
+        "coarsen": lambda: mod.coarsen_stage(q, k, grid, coarsen),
+        "score": lambda c: mod.score_stage(c[0], c[1], grid, selector=selector, **opts, **kw),
+        "select": select,
+        "mask": build_mask_fn(impl),
+    }
+
+
+def total_fn(impl: str, selector: str, q, k, v, *, sparsity: float, block_size: int, backend: str = "flex"):
+    """Predictor + BlockMask + attention in one call. torch: the public
+    :func:`cab_attention.sparse_attention`, exactly what a user runs. Triton: ``kernels.predict``, then
+    ``kernels.block_mask`` and the library's compiled FlexAttention (what the kernels make possible;
+    :func:`cab_attention.sparse_attention` with a given selection would rebuild the mask the torch way).
+    ``None`` when the implementation does not cover the selector."""
+    from cab_attention import sparse_attention
+
+    if impl == "torch":
+        return lambda: sparse_attention(q, k, v, selector=selector, sparsity=sparsity, block_size=block_size,
+                                        causal=True, backend=backend)
+    pf = predict_fn(impl, selector, q, k, sparsity=sparsity, block_size=block_size)
+    if pf is None:
+        return None
+    build = build_mask_fn(impl)
+    from cab_attention import execute as E
+
+    n = q.shape[2]
+    if n % block_size or n != k.shape[2]:
+        return lambda: sparse_attention(q, k, v, selection=pf(), block_size=block_size, causal=True, backend=backend)
+    opts = E.flex_kernel_options(block_size, q.device.type)
+    gqa = q.shape[1] != k.shape[1]
+    flex = E._compiled_flex()
+    return lambda: flex(q, k, v, block_mask=build(pf()), enable_gqa=gqa, kernel_options=opts)
+
+
+def flex_runner(q, k, v, selection, build: Callable[[Any], Any] | None = None) -> Callable[[], torch.Tensor]:
+    """The FlexAttention kernel alone over a prebuilt ``BlockMask`` (the library's compiled flex and its
+    kernel tile options); ``build`` makes the mask (default :meth:`BlockSelection.to_block_mask`; the
+    attention benchmark passes the headline implementation's builder so that the kernel-alone and the
+    end-to-end cases share one compiled FlexAttention per shape). Falls back to
+    :func:`cab_attention.execute.flex_attention_blocks` (mask build included) when the lengths need
+    padding."""
+    from cab_attention import execute as E
+
+    g = selection.grid
+    bs = g.block_size
+    if g.q_len % bs or g.kv_len % bs or g.q_len != g.kv_len:
+        return lambda: E.flex_attention_blocks(q, k, v, selection)
+    bm = (build or (lambda sel: sel.to_block_mask()))(selection)
+    opts = E.flex_kernel_options(bs, q.device.type)
+    gqa = q.shape[1] != k.shape[1]
+    fn = E._compiled_flex()
+    return lambda: fn(q, k, v, block_mask=bm, enable_gqa=gqa, kernel_options=opts)
+
+
+def merge_selection(selection, factor: int = 2):
+    """A selection at ``factor`` times the block size: a coarse tile is kept when any of its sub-blocks
+    is (a superset of the original: more tiles computed, nothing dropped)."""
+    from cab_attention.geometry import BlockGrid
+    from cab_attention.select import kv_layout
+    from cab_attention.selection import BlockSelection
+
+    g = selection.grid
+    g2 = BlockGrid(g.batch, g.q_heads, g.kv_heads, g.q_len, g.kv_len, g.head_dim, g.block_size * factor, g.causal)
+    m = selection.query_head_mask()
+    b, h, mq, mk = m.shape
+    mq2, mk2 = g2.num_q_blocks, g2.num_kv_blocks
+    if g.q_pad_front or g2.q_pad_front:
+        raise ValueError("merge_selection handles aligned queries only (Nq == Nk)")
+    mp = torch.nn.functional.pad(m, (0, mk2 * factor - mk, 0, mq2 * factor - mq))
+    m2 = mp.view(b, h, mq2, factor, mk2, factor).any(5).any(3) & g2.valid(m.device)
+    num, idx = kv_layout(m2)
+    return BlockSelection(m2, num, idx, g2, selection.selector + "+merged")

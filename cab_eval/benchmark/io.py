@@ -1,0 +1,164 @@
+"""The benchmarks' results: one CSV row per measured case, and the recorder that measures and keeps them.
+
+The CSV has the columns ``case,n,batch,heads,kv_heads,head_dim,sparsity,ms,peak_mb,device,torch,date``
+first and then ``block_size,density,tflops,status``. Case names are
+``<kind>:<method>[<impl>][:<stage>][@<variant>]``:
+
+* ``predictor:cab[torch]`` everything before the attention kernel (coarsen, score, select, and the
+  FlexAttention ``BlockMask``); ``predictor:cab[torch]:coarsen|score|select|mask`` its stages;
+* ``attention:sdpa-flash|sdpa-cudnn|flex-dense`` dense causal baselines, ``attention:cab-sparse`` the
+  FlexAttention kernel alone over CAB's mask;
+* ``total:<selector>[impl]`` predictor plus attention in one call, as a user runs it;
+* ``[torch]`` or ``[triton]`` names the predictor implementation that ran; ``@bs128`` selection at 128
+  tokens, ``@merge128`` a 64-token selection merged into 128-token tiles (see
+  :mod:`cab_eval.benchmark.attention`).
+
+A results file merges: a row replaces an older one with the same key (case, n, batch, heads,
+kv_heads, head_dim, sparsity).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .timing import bench_ms, free_memory, is_oom, peak_mb, sync
+
+
+COLUMNS = [
+    "case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity", "ms", "peak_mb",
+    "device", "torch", "date", "block_size", "density", "tflops", "status",
+]
+
+
+KEY = ("case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity")
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def environment(cuda: bool) -> dict[str, str]:
+    """Device label (CPU rows say ``host timer``), a file-name slug, torch version and date."""
+    if cuda:
+        name = torch.cuda.get_device_name(0)
+        slug = slugify(name)
+    else:
+        name = f"cpu ({platform.machine() or 'unknown'}) host timer"
+        slug = "cpu-tiny"
+    return {"device": name, "slug": slug, "torch": torch.__version__, "date": _dt.date.today().isoformat()}
+
+
+def row(cfg: Any, case: str, n: int, batch: int, *, sparsity: float | None = None, ms: float | None = None,
+        peak: float | None = None, block_size: int | None = None, density: float | None = None,
+        tflops: float | None = None, status: str = "ok") -> dict[str, Any]:
+    def f(x, nd):
+        return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
+
+    return {
+        "case": case, "n": n, "batch": batch, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "sparsity": "" if sparsity is None else sparsity, "ms": f(ms, 4),
+        "peak_mb": f(peak, 1), "device": cfg.env["device"], "torch": cfg.env["torch"], "date": cfg.env["date"],
+        "block_size": "" if block_size is None else block_size, "density": f(density, 4),
+        "tflops": f(tflops, 1), "status": status,
+    }
+
+
+class CaseRecorder:
+    """Measures benchmark cases and records one CSV row per case (``self.rows``): a warm-up call, peak
+    memory, the timing; errors and out-of-memory become a row with a status instead of ending the run;
+    prints one line per case and enforces the time budget (``cfg.budget``)."""
+
+    def __init__(self, cfg: Any, log=print):
+        self.cfg = cfg
+        self.rows: list[dict[str, Any]] = []
+        self.log = log
+        self.written = False
+
+    def skip(self, case: str, n: int, batch: int, why: str, **kw) -> None:
+        self.rows.append(row(self.cfg, case, n, batch, status=f"skipped: {why}", **kw))
+        sp = kw.get("sparsity")
+        self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} s={'' if sp is None else f'{sp:g}':5s} skipped ({why})")
+
+    def measure(self, case: str, n: int, batch: int, make_fn: Callable[[], Callable[[], Any] | None], *,
+                sparsity: float | None = None, block_size: int | None = None, density: float | None = None,
+                flops: float | Callable[[], float] | None = None, memory: bool = True,
+                budget_key: str | None = None) -> float | None:
+        """Time ``make_fn()()``; return ms (or ``None`` on skip/failure). ``make_fn`` builds the callable
+        (so that its setup errors are caught too); it may return ``None`` to mean "not applicable"."""
+        cfg = self.cfg
+        key = budget_key or case
+        kw = dict(sparsity=sparsity, block_size=block_size)
+        if not cfg.budget.allows(key, n, batch):
+            self.skip(case, n, batch, "budget", **kw)
+            return None
+        t0 = time.monotonic()
+        warm_s = 0.0
+        try:
+            fn = make_fn()
+            if fn is None:
+                return None
+            out = fn()  # warm-up: compiles, autotunes, allocates
+            sync(cfg.cuda)
+            del out
+            warm_s = time.monotonic() - t0
+            peak = peak_mb(fn, cfg) if memory else None
+            ms = bench_ms(fn, cfg)
+        except Exception as e:  # noqa: BLE001 - log and go on
+            status = "oom" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            self.rows.append(row(cfg, case, n, batch, status=status, density=density, **kw))
+            self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} FAILED {status}")
+            if not is_oom(e):
+                traceback.print_exc(limit=3, file=sys.stdout)
+            cfg.budget.record(key, n, batch, time.monotonic() - t0, 0.0)
+            free_memory(cfg.cuda)
+            return None
+        cfg.budget.record(key, n, batch, warm_s, ms)
+        fl = flops() if callable(flops) else flops
+        tf = fl / (ms * 1e-3) / 1e12 if (fl and ms > 0) else None
+        self.rows.append(row(cfg, case, n, batch, ms=ms, peak=peak, density=density, tflops=tf, **kw))
+        extra = f" peak={peak:8.1f} MiB" if peak is not None else ""
+        extra += f" {tf:6.1f} TFLOP/s" if tf is not None else ""
+        extra += f" density={density:.4f}" if density is not None else ""
+        s = "" if sparsity is None else f"{sparsity:g}"
+        self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} s={s:5s} {ms:10.4f} ms{extra}  [warm {warm_s:.1f} s, "
+                 f"case {time.monotonic() - t0:.1f} s]")
+        return ms
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_results(path: Path, rows: Iterable[dict[str, Any]], fresh: bool = False) -> Path:
+    """Merge ``rows`` into the CSV at ``path``: a row replaces an older one with the same key
+    (case, n, batch, heads, kv_heads, head_dim, sparsity); other rows are kept."""
+    rows = [{c: r.get(c, "") for c in COLUMNS} for r in rows]
+
+    def key(r):
+        return tuple(str(r.get(c, "")) for c in KEY)
+
+    new_keys = {key(r) for r in rows}
+    old = [] if fresh else [r for r in read_csv(path) if key(r) not in new_keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{c: r.get(c, "") for c in COLUMNS} for r in old] + rows)
+    os.replace(tmp, path)
+    return path
