@@ -1,8 +1,9 @@
 """cab-attention: curvature-aware block-sparse attention for long-context prefill.
 
-Pipeline (one module per stage): :mod:`.coarsen` -> :mod:`.score` -> :mod:`.select` (via
-:mod:`.selectors`) -> :mod:`.execute`; :mod:`.modules` holds drop-in layers, :mod:`.hf` the
-transformers integration, :mod:`.evaluate` and :mod:`.benchmark` the measurements.
+Pipeline (one module per stage): :mod:`.coarsen` -> :mod:`.score` -> :mod:`.select` -> :mod:`.execute`.
+:mod:`.options` holds the selector option tables and named configurations, :mod:`.selection` the
+:class:`BlockSelection` result, :mod:`.modules` drop-in layers, :mod:`.kernels` the Triton predictor and
+:mod:`.hf` the transformers integration (imported on first use).
 """
 
 from .execute import BACKENDS, dense_attention, reference_attention, sparse_attention
@@ -10,7 +11,8 @@ from .flops import estimate_flops
 from .geometry import BlockGrid
 from .modules import CABAttention, CABAttentionLayer
 from .selection import BlockSelection
-from .selectors import SELECTOR_OPTIONS, SELECTORS, select_blocks
+from .options import SELECTOR_OPTIONS, SELECTORS
+from .select import select_blocks
 
 __all__ = [
     "BACKENDS",

@@ -1,9 +1,9 @@
 """Stage 1, coarsen: one representative vector per block of tokens.
 
 ``max_l2`` (this function's default, and every selector's but ``cab``'s) keeps the block's token with
-the largest L2 norm, the seed's choice: a single loud token survives where mean pooling would average it
-away. ``mean`` is ``cab``'s default (it kept more attention mass in the ablation of docs/results.md);
-``max`` (element-wise) is an ablation. Padded positions never win and never count.
+the largest L2 norm, CAB's original choice: a single loud token survives where mean pooling would
+average it away. ``mean`` is ``cab``'s default (it kept more attention mass in an ablation on an H100,
+docs/results.md); ``max`` (element-wise) is an ablation. Padded positions never win and never count.
 """
 
 from __future__ import annotations

@@ -24,10 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import BlockGrid, check_block_size, check_qkv
+from .geometry import check_finite as check_finite_fn
+from .select import select_blocks
 from .selection import BlockSelection
-from .selectors import select_blocks
 
 BACKENDS = ("auto", "reference", "flex")
+
+
+class _Default:
+    """The value of an argument that was not passed (its documented default applies)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Default()
 
 
 def dense_attention(
@@ -64,19 +75,13 @@ def reference_attention(
     b, hq, nq, d = q.shape
     hkv, grp = k.shape[1], hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    bs = g.block_size
-    m = selection.query_head_mask().view(b, hkv, grp, g.num_q_blocks, g.num_kv_blocks)
     kt = k.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Nk]: shared by the group, not copied
     vv = v.unsqueeze(2)
-    cols = torch.arange(g.kv_len, device=q.device)
     out = torch.empty_like(q).view(b, hkv, grp, nq, d)
     qg = q.view(b, hkv, grp, nq, d)
     for r0 in range(0, nq, chunk):
         r1 = min(nq, r0 + chunk)
-        rows = torch.arange(r0, r1, device=q.device) + g.q_pad_front
-        keep = m[:, :, :, rows // bs][..., cols // bs]  # [B, Hkv, G, rows, Nk]
-        if g.causal:
-            keep = keep & (cols[None, :] <= (rows + g.offset - g.q_pad_front)[:, None])
+        keep = selection.token_mask(r0, r1).view(b, hkv, grp, r1 - r0, g.kv_len)
         s = torch.matmul(qg[:, :, :, r0:r1], kt) * scale
         s = s.masked_fill(~keep, float("-inf"))
         p = s.softmax(-1)
@@ -127,8 +132,12 @@ def check_flex_available(q: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"backend='flex' on CUDA needs block_size >= 16 (its smallest tile), got {block_size}")
     if q.device.type == "cpu" and q.dtype == torch.float16:
         raise ValueError("backend='flex' on CPU does not support float16; use float32/bfloat16 or backend='reference'")
-    if q.dtype == torch.float64 and q.device.type == "cuda":
-        raise ValueError("backend='flex' on CUDA does not support float64; use backend='reference'")
+    if q.dtype == torch.float64:
+        # On CPU the inductor lowering fails deep in compilation; say so before compiling.
+        raise ValueError(
+            f"backend='flex' does not support float64 (q is float64 on {q.device.type}); use float32/bfloat16 "
+            "or backend='reference'"
+        )
 
 
 def flex_attention_blocks(
@@ -180,20 +189,27 @@ def sparse_attention(
     v: torch.Tensor,
     *,
     selection: BlockSelection | None = None,
-    selector: str = "cab",
-    sparsity: float = 0.9,
+    selector: str = DEFAULT,  # type: ignore[assignment]
+    sparsity: float = DEFAULT,  # type: ignore[assignment]
     causal: bool = True,
     backend: str = "auto",
     block_size: int | None = None,
+    check_finite: bool = True,
     **options: Any,
 ) -> torch.Tensor:
     """Block-sparse attention: select (unless ``selection`` is given), then execute.
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.
-        selection: a :class:`BlockSelection` for these inputs; when given, ``selector``, ``sparsity`` and
-            the selector options are not used.
+        selection: a :class:`BlockSelection` for these inputs; it must keep at least one causally valid
+            block in every row. Passing ``selector``, ``sparsity`` or a selector option with it is a
+            ``ValueError`` (they would have no effect).
+        selector: default ``"cab"``; sparsity: default ``0.9`` (see :func:`cab_attention.select_blocks`);
+            ``DEFAULT`` marks "not passed", so that passing either with ``selection`` can be refused.
         block_size: tokens per block (default 64; with ``selection``, the selection's).
+        check_finite: raise ``ValueError`` naming q, k or v when it holds NaN or inf (default). The check
+            reads the three tensors once and syncs with the host once; pass ``False`` to skip it where the
+            inputs are known to be finite (its cost is measured by ``scripts/gpu_house.py``).
         backend: ``"auto"`` (flex for CUDA tensors FlexAttention takes, i.e. not float64; else
             reference), ``"reference"`` or ``"flex"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
@@ -203,6 +219,16 @@ def sparse_attention(
         ``[B, Hq, Nq, D]`` in q's dtype.
     """
     check_qkv(q, k, v)
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+    if selection is not None:
+        given = [name for name, val in (("selector", selector), ("sparsity", sparsity)) if val is not DEFAULT]
+        given += sorted(set(options) - {"scale"})
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} cannot be combined with selection= (the selection is already made); "
+                "pass them to select_blocks instead"
+            )
     if block_size is None:
         block_size = selection.grid.block_size if isinstance(selection, BlockSelection) else 64
     check_block_size(block_size)
@@ -212,16 +238,23 @@ def sparse_attention(
         backend = "flex" if q.is_cuda and q.dtype != torch.float64 else "reference"
     if backend == "flex":
         check_flex_available(q, block_size)
+    if "check_finite" in options:
+        raise ValueError("check_finite is an argument of sparse_attention itself; pass it once")
     scale = options.get("scale")
     if selection is None:
-        selection = select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=causal, **options)
+        if check_finite:
+            check_finite_fn(q=q, k=k, v=v)
+        selection = select_blocks(
+            q, k, selector="cab" if selector is DEFAULT else selector, sparsity=0.9 if sparsity is DEFAULT else sparsity,
+            block_size=block_size, causal=causal, check_finite=False, **options,
+        )
     else:
-        extra = sorted(set(options) - {"scale"})
-        if extra:
-            raise ValueError(f"selector options {extra} have no effect with a given selection; pass them to select_blocks")
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be True or False, got {causal!r}")
         _check_selection(selection, q, k, block_size, causal)
+        selection.check_rows()
+        if check_finite:
+            check_finite_fn(q=q, k=k, v=v)
     if q.shape[2] < block_size:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     if backend == "flex":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .geometry import BlockGrid
+
 
 def estimate_flops(
     n: int,
@@ -46,9 +48,8 @@ def estimate_flops(
     predictor = coarsen + affinity + redundancy + curvature
     dense = batch * num_heads * 4 * n * n * head_dim / (2 if causal else 1)
     # The exact share of causally valid blocks that the budget rule keeps (sink and diagonal included).
-    valid = [(i + 1 if causal else m) for i in range(m)]
-    kept = [min(v, max(2, math.ceil((1.0 - sparsity) * v - 1e-9))) for v in valid]
-    sparse = dense * sum(kept) / sum(valid)
+    grid = BlockGrid(1, 1, 1, n, n, head_dim, block_size, causal)
+    sparse = dense * int(grid.budget(sparsity).sum()) / int(grid.valid().sum())
     return {
         "coarsen": float(coarsen),
         "affinity": float(affinity),

@@ -54,6 +54,24 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
         )
 
 
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first of ``tensors`` (``name=tensor``) that holds a NaN or an inf.
+
+    One ``aminmax`` per tensor (a full read; NaN propagates through it, so a finite min and max mean
+    every entry is finite) and one host sync for all of them together.
+    """
+    if not tensors:
+        return
+    ends = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors.values()])
+    ok = torch.isfinite(ends).all(-1).tolist()
+    for (name, t), fine in zip(tensors.items(), ok):
+        if not fine:
+            raise ValueError(
+                f"{name} holds NaN or inf values (shape {tuple(t.shape)}); attention needs finite {name}. "
+                "Pass check_finite=False to skip this check"
+            )
+
+
 def check_block_size(block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a positive power of two (16, 32, 64, 128, ...), got {block_size!r}")

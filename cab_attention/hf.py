@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from .execute import BACKENDS, dense_attention, sparse_attention
 from .geometry import check_block_size, check_sparsity
 from .selection import BlockSelection
-from .selectors import resolve_options, select_blocks
+from .options import resolve_options
+from .select import select_blocks
 
 ATTN_NAME = "cab"
 """The name CAB attention is registered under in transformers' attention and mask registries."""

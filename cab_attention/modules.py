@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from .execute import BACKENDS, sparse_attention
-from .geometry import check_block_size, check_sparsity
-from .selectors import resolve_options
+from .geometry import check_block_size, check_finite, check_sparsity
+from .options import resolve_options
+from .select import select_blocks
 
 
 class CABAttention(nn.Module):
     """Multi-head (GQA-capable) self-attention whose prefill runs block-sparse.
 
-    RoPE-free: positions are the caller's business. ``forward(x)`` takes ``[B, N, dim]`` and returns
+    RoPE-free: positions are the caller's business. ``**options`` are selector options
+    (:data:`cab_attention.options.COMMON_OPTIONS` and the selector's own), ``check_finite`` included. ``forward(x)`` takes ``[B, N, dim]`` and returns
     ``[B, N, dim]``; ``forward(x, return_selection=True)`` also returns the :class:`BlockSelection`.
     """
 
@@ -63,16 +65,18 @@ class CABAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        from .selectors import select_blocks
-
+        opts = dict(self.options)
+        # One finite check of q, k and v together, before selecting.
+        if opts.pop("check_finite", True):
+            check_finite(q=q, k=k, v=v)
         sel = select_blocks(
             q, k, selector=self.selector, sparsity=self.sparsity, block_size=self.block_size,
-            causal=self.causal, **self.options,
+            causal=self.causal, check_finite=False, **opts,
         )
-        scale = self.options.get("scale")
+        scale = opts.get("scale")
         out = sparse_attention(
             q, k, v, selection=sel, block_size=self.block_size, causal=self.causal, backend=self.backend,
-            **({"scale": scale} if scale is not None else {}),
+            check_finite=False, **({"scale": scale} if scale is not None else {}),
         )
         y = self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         return (y, sel) if return_selection else y

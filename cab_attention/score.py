@@ -55,7 +55,7 @@ def redundancy(a: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
 
 
 def triangle_proxy(a: torch.Tensor, r: torch.Tensor, lam: float = 0.5, norm: str = "blocks") -> torch.Tensor:
-    """``F = A - lam * R / norm``, the seed's triangle-discounted affinity.
+    """``F = A - lam * R / norm``: the affinity discounted by its two-hop (triangle) paths.
 
     ``norm="blocks"`` divides ``R`` by ``Mk`` (the author's form); ``"rowmax"`` rescales each row of ``R``
     to the row maximum of ``A``; ``"none"`` uses ``R`` as is.

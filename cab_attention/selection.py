@@ -1,4 +1,10 @@
-"""The result of selection: a block mask, its FlexAttention layout, and how to execute it."""
+"""The result of selection: a block mask, its FlexAttention layout, and how to execute it.
+
+One home each for: the FlexAttention layout of a block mask (:func:`kv_layout`), the dense selection
+(:func:`dense_selection`), the token-level mask (:meth:`BlockSelection.token_mask`) and the FlexAttention
+``BlockMask`` (:func:`block_mask`; its ``fast=True`` form is the sort-free twin in
+:mod:`cab_attention.kernels`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,27 @@ from typing import Any
 import torch
 
 from .geometry import BlockGrid
+
+
+def kv_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's layout of a block mask.
+
+    Args: mask ``[B, H, Mq, Mk]`` bool.
+
+    Returns:
+        ``kv_num_blocks`` ``[B, H, Mq]`` int32 and ``kv_indices`` ``[B, H, Mq, Mk]`` int32: the kept key
+        blocks of each row in ascending order, then zeros (FlexAttention reads only the first
+        ``kv_num_blocks`` entries).
+    """
+    mk = mask.shape[-1]
+    num = mask.sum(-1, dtype=torch.int32)
+    # A kept block goes to its rank among the kept blocks of its row; the others to a spare column that
+    # is cut off. A scatter instead of a sort: O(Mk) per row.
+    pos = torch.where(mask, mask.cumsum(-1) - 1, mk)
+    idx = torch.zeros(*mask.shape[:-1], mk + 1, dtype=torch.int32, device=mask.device)
+    src = torch.arange(mk, dtype=torch.int32, device=mask.device).expand_as(mask)
+    idx.scatter_(-1, pos, src)
+    return num, idx[..., :mk].contiguous()
 
 
 @dataclass
@@ -55,57 +82,97 @@ class BlockSelection:
             return self.mask.repeat_interleave(self.grid.group, dim=1)
         return self.mask
 
-    def token_mask(self) -> torch.Tensor:
-        """``[B, Hq, Nq, Nk]`` bool token-level mask (kept blocks and causality). For reference use only:
-        it is ``Nq x Nk`` per head."""
+    def token_mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``[B, Hq, stop - start, Nk]`` bool token-level mask (kept blocks and causality) of queries
+        ``start:stop`` (default all ``Nq``). ``Nq x Nk`` per head: callers chunk over queries."""
         g = self.grid
         bs = g.block_size
+        stop = g.q_len if stop is None else stop
         m = self.query_head_mask()
-        rows = torch.arange(g.q_len, device=m.device) + g.q_pad_front  # padded-query index of each query
+        rows = torch.arange(start, stop, device=m.device) + g.q_pad_front  # padded-query index
         cols = torch.arange(g.kv_len, device=m.device)
         tok = m[:, :, rows // bs][..., cols // bs]
         if g.causal:
             tok = tok & (cols[None, :] <= (rows + g.offset - g.q_pad_front)[:, None])
         return tok
 
+    def check_rows(self) -> None:
+        """Raise ``ValueError`` if some row keeps no causally valid block (its softmax would be empty
+        and its output NaN); every selection from :func:`cab_attention.select_blocks` keeps at least
+        the sink and diagonal blocks, so this catches hand-edited masks."""
+        kept = (self.mask & self.valid).any(-1)
+        if not bool(kept.all()):
+            b, h, i = (int(x) for x in torch.nonzero(~kept)[0])
+            raise ValueError(
+                f"selection.mask keeps no causally valid key block in row (batch {b}, head {h}, query block "
+                f"{i}); every row must keep at least one (select_blocks keeps the sink and diagonal blocks)"
+            )
+
     def to_block_mask(self, for_backward: bool = False):
-        """FlexAttention ``BlockMask`` built from the coarse indices (never from a token mask).
+        """FlexAttention ``BlockMask`` of this selection: :func:`block_mask`."""
+        return block_mask(self, for_backward=for_backward)
 
-        Its ``BLOCK_SIZE`` is the selection block size on both axes and its query axis is the padded
-        query axis (front padding of ``grid.q_pad_front`` rows, end padding to whole blocks), so the
-        executing kernel must tile by a divisor of the block size: :mod:`cab_attention.execute` passes
-        matching ``BLOCK_M``/``BLOCK_N`` kernel options. Kept blocks strictly below the diagonal and
-        inside the keys are *full* (no mask_mod call); the diagonal block and a partial last key block
-        are *partial* and go through the causal / length ``mask_mod``. ``for_backward=True`` also builds
-        the transposed index that gradients need.
-        """
-        from torch.nn.attention.flex_attention import BlockMask
 
-        g = self.grid
-        m = self.query_head_mask()
-        dev = m.device
-        mk = g.num_kv_blocks
-        j = torch.arange(mk, device=dev)
-        partial = torch.zeros(g.num_q_blocks, mk, dtype=torch.bool, device=dev)
-        if g.causal:
-            partial |= j[None, :] >= g.diagonal(dev)[:, None]
-        if g.kv_len % g.block_size:
-            partial |= j[None, :] == mk - 1
-        from .select import kv_layout
+def dense_selection(
+    grid: BlockGrid, selector: str = "dense", share_kv: bool = False, device: torch.device | str = "cpu"
+) -> BlockSelection:
+    """The selection that keeps every causally valid block: ``H`` = KV heads if ``share_kv`` else query heads."""
+    heads = grid.kv_heads if share_kv else grid.q_heads
+    mask = grid.valid(device).expand(grid.batch, heads, grid.num_q_blocks, grid.num_kv_blocks).clone()
+    num, idx = kv_layout(mask)
+    return BlockSelection(mask, num, idx, grid, selector, share_kv)
 
-        part_num, part_idx = kv_layout(m & partial)
-        full_num, full_idx = kv_layout(m & ~partial)
-        return BlockMask.from_kv_blocks(
-            part_num,
-            part_idx,
-            full_num,
-            full_idx,
-            BLOCK_SIZE=g.block_size,
-            mask_mod=make_mask_mod(g),
-            seq_lengths=(g.num_q_blocks * g.block_size, mk * g.block_size),
-            # The transposed (q-block) index is only read by the backward pass; prefill skips building it.
-            compute_q_blocks=for_backward,
-        )
+
+def block_mask(selection: BlockSelection, *, for_backward: bool = False, fast: bool = False):
+    """FlexAttention ``BlockMask`` built from the coarse block mask (never from a token mask).
+
+    Its ``BLOCK_SIZE`` is the selection block size on both axes and its query axis is the padded
+    query axis (front padding of ``grid.q_pad_front`` rows, end padding to whole blocks), so the
+    executing kernel must tile by a divisor of the block size: :mod:`cab_attention.execute` passes
+    matching ``BLOCK_M``/``BLOCK_N`` kernel options. Kept blocks strictly below the diagonal and
+    inside the keys are *full* (no mask_mod call); the diagonal block and a partial last key block
+    are *partial* and go through the causal / length ``mask_mod``. ``for_backward=True`` also builds
+    the transposed index that gradients need.
+
+    ``fast=True`` takes :func:`cab_attention.kernels.block_mask` instead: the same mask built in
+    ``O(B H Mq)`` from ``kv_indices`` without sorting; it trusts ``kv_indices`` (the mask is not read)
+    and has no backward index.
+    """
+    if fast:
+        if for_backward:
+            raise ValueError("block_mask(fast=True) builds no backward index; use fast=False for gradients")
+        from .kernels import HAS_TRITON
+
+        if not HAS_TRITON:
+            raise ValueError("block_mask(fast=True) lives in cab_attention.kernels, which needs triton")
+        from .kernels import block_mask as fast_block_mask
+
+        return fast_block_mask(selection)
+    from torch.nn.attention.flex_attention import BlockMask
+
+    g = selection.grid
+    m = selection.query_head_mask()
+    dev = m.device
+    mk = g.num_kv_blocks
+    j = torch.arange(mk, device=dev)
+    partial = torch.zeros(g.num_q_blocks, mk, dtype=torch.bool, device=dev)
+    if g.causal:
+        partial |= j[None, :] >= g.diagonal(dev)[:, None]
+    if g.kv_len % g.block_size:
+        partial |= j[None, :] == mk - 1
+    part_num, part_idx = kv_layout(m & partial)
+    full_num, full_idx = kv_layout(m & ~partial)
+    return BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=g.block_size,
+        mask_mod=make_mask_mod(g),
+        seq_lengths=(g.num_q_blocks * g.block_size, mk * g.block_size),
+        # The transposed (q-block) index is only read by the backward pass; prefill skips building it.
+        compute_q_blocks=for_backward,
+    )
 
 
 def make_mask_mod(grid: BlockGrid):

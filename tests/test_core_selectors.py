@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cab_attention as cab
-from cab_attention.selectors import SEED_CAB_OPTIONS
+from cab_attention.options import FORMAN_KEEP_LOWEST_MAXL2
 from reference import (
     SHAPES,
     coarse_logits,
@@ -60,12 +60,12 @@ def test_magnitude_keeps_highest_coarse_logits(shape):
 @pytest.mark.parametrize("shape", ["gqa-b2-oddN-bs16", "bs64-d128-oddN", "full-bs32"])
 def test_forman_scores_match_independent_graph(shape):
     q, k, _, bs = _case(shape, 31)
-    sel = cab.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=bs, return_diagnostics=True, **SEED_CAB_OPTIONS)
+    sel = cab.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=bs, return_diagnostics=True, **FORMAN_KEEP_LOWEST_MAXL2)
     valid = valid_blocks(q.shape[2], k.shape[2], bs, True)
     ref = forman_scores(q, k, bs)
     got = sel.diagnostics["scores"].double()
     torch.testing.assert_close(got[..., valid], ref[..., valid], atol=1e-3, rtol=1e-4)
-    # The seed's configuration: keep the lowest curvature.
+    # Augmented Forman, keep the lowest curvature.
     assert_ranked_by(sel.mask, -ref, free_blocks(q.shape[2], k.shape[2], bs), tol=1e-3)
 
 

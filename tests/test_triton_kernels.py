@@ -199,7 +199,7 @@ def test_triton_predict_matches_select_blocks(shape):
     configs = [
         ("magnitude", {}),
         ("cab", {}),
-        ("cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}),  # the seed's configuration
+        ("cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}),  # FORMAN_KEEP_LOWEST_MAXL2
         ("cab", {"score": "forman", "redundancy": "matmul", "coarsen": "max_l2"}),
         ("cab", {"score": "triangle", "norm": "rowmax", "lam": 0.8}),
         ("cab", {"hybrid": 0.3, "keep": "highest"}),

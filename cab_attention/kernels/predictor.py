@@ -19,14 +19,14 @@ precision options).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..geometry import BlockGrid, check_block_size, check_qkv, check_sparsity
-from ..select import kv_layout
-from ..selection import BlockSelection, make_mask_mod
+from ..options import SELECTOR_OPTIONS, resolve_options
+from ..select import Scores, row_rank01
+from ..selection import BlockSelection, dense_selection, make_mask_mod
 from .coarsen import COARSEN_CODES, coarsen_qk
 from .scores import PRECISIONS, affinity, redundancy_scores, two_stage_scores
 from .topk import select_rows
@@ -71,16 +71,7 @@ def coarsen_stage(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, method: str
     return coarsen_qk(q, k, grid.block_size, method, grid.q_pad_front)
 
 
-@dataclass
-class Scores:
-    """Stage-2 output: ``priority [B, Hq, Mq, Mk]`` fp32 (higher is kept first; only edge tiles are
-    written, the rest is uninitialised and never read as a candidate), ``candidates`` (two-stage only,
-    ``[B, Hq, Mq, Mk]`` bool) and, with ``keep_intermediates=True``, the intermediate tensors
-    (``extras``: ``A``, logits, strengths; otherwise freed as soon as the priority exists)."""
-
-    priority: torch.Tensor
-    candidates: torch.Tensor | None = None
-    extras: dict[str, torch.Tensor] | None = None
+# Stage-2 output: cab_attention.select.Scores (shared with the PyTorch stages).
 
 
 def budget_for(grid: BlockGrid, sparsity: float, device) -> torch.Tensor:
@@ -122,7 +113,7 @@ def score_stage(
 
     ``selector="magnitude"``: the coarse logits. ``selector="cab"``: ``-F`` (keep lowest) or ``F``, with
     ``F`` the augmented Forman curvature or the triangle proxy; ``hybrid > 0`` mixes the row ranks of the
-    curvature priority and of the logits as :mod:`cab_attention.selectors` does (ranks by a torch sort).
+    curvature priority and of the logits as :func:`cab_attention.select.cab_priority` does (ranks by a torch sort).
     ``two_stage=True`` (triangle proxy only) needs ``budget`` and returns the candidate mask too.
     ``redundancy``: ``"fused"`` (``R`` tile by tile inside the curvature kernel, never in memory) or
     ``"matmul"`` (``R = torch.matmul(A[..., lo:lo+Mq], A)`` by the vendor library, full square product
@@ -165,11 +156,9 @@ def score_stage(
         tiles=tiles,
     )
     if need_logits:
-        from ..selectors import _row_rank01
-
         valid = grid.valid(qc.device)
         w = float(hybrid)
-        prio = (1 - w) * _row_rank01(prio, valid) + w * _row_rank01(out["logits"], valid)
+        prio = (1 - w) * row_rank01(prio, valid) + w * row_rank01(out["logits"], valid)
     return Scores(prio, None, out if keep_intermediates else None)
 
 
@@ -301,10 +290,7 @@ def check_options(
 
 
 def _dense_selection(grid: BlockGrid, heads: int, selector: str, share_kv: bool, device) -> BlockSelection:
-    valid = grid.valid(device)
-    mask = valid.expand(grid.batch, heads, grid.num_q_blocks, grid.num_kv_blocks).clone()
-    num, idx = kv_layout(mask)
-    return BlockSelection(mask, num, idx, grid, selector, share_kv)
+    return dense_selection(grid, selector, share_kv, device)
 
 
 def selector_defaults(
@@ -312,8 +298,6 @@ def selector_defaults(
 ) -> tuple[str, str, str]:
     """Fill ``None`` options with the library's defaults for ``selector`` (the ones ``select_blocks``
     uses), so that the Triton path and the torch path agree without repeating the defaults here."""
-    from ..selectors import SELECTOR_OPTIONS, resolve_options
-
     d = resolve_options(selector, {}) if selector in SELECTOR_OPTIONS else {}
     return (
         d.get("score", "forman") if score is None else score,
@@ -410,7 +394,7 @@ def select_blocks_triton(
     q: torch.Tensor, k: torch.Tensor, *, selector: str, sparsity: float, block_size: int, causal: bool,
     opts: dict[str, Any],
 ) -> BlockSelection:
-    """``select_blocks(..., impl="triton")`` after :func:`cab_attention.selectors.resolve_options`."""
+    """``select_blocks(..., impl="triton")`` after :func:`cab_attention.options.resolve_options`."""
     if opts.get("threshold") is not None:
         raise ValueError("impl='triton' supports fixed sparsity only (threshold=None); use impl='torch'")
     if opts.get("return_diagnostics"):

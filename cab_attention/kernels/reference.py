@@ -1,6 +1,6 @@
 """PyTorch reference of the two-stage rule (no Triton), built from the core stages.
 
-Two-stage selection (the seed companion notes' ``O(M^2 k)`` variant), per query-block row ``i`` with
+Two-stage selection (an ``O(M^2 k)`` variant of the triangle selection), per query-block row ``i`` with
 budget ``k_i``, ``f_i`` forced blocks and ``r_i = k_i - f_i`` free picks:
 
 1. candidates = the forced blocks plus the top ``min(2 r_i, free_i)`` non-forced valid blocks by coarse
@@ -22,8 +22,8 @@ import torch
 from ..coarsen import coarsen as coarsen_fn
 from ..geometry import BlockGrid
 from ..score import affinity, coarse_logits, redundancy
-from ..select import keep_first, kv_layout, rank_order
-from ..selection import BlockSelection
+from ..select import keep_first, rank_order
+from ..selection import BlockSelection, dense_selection, kv_layout
 
 
 def two_stage_reference(
@@ -49,9 +49,7 @@ def two_stage_reference(
     valid, forced = grid.valid(dev), grid.forced(dev)
     budget = grid.budget(sparsity, dev)
     if grid.q_len < block_size:
-        mask = valid.expand(grid.batch, grid.q_heads, grid.num_q_blocks, grid.num_kv_blocks).clone()
-        num, idx = kv_layout(mask)
-        return BlockSelection(mask, num, idx, grid, "cab")
+        return dense_selection(grid, "cab", False, dev)
     scale = grid.head_dim**-0.5 if scale is None else scale
     qc = coarsen_fn(q, block_size, coarsen, pad_front=grid.q_pad_front)
     kc = coarsen_fn(k, block_size, coarsen)
