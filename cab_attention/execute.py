@@ -8,9 +8,12 @@ Backends:
 * ``flex``: FlexAttention under ``torch.compile`` with a ``BlockMask`` from the coarse indices. The
   mask's ``BLOCK_SIZE`` is the selection block size, and on CUDA the kernel tile is set to divide it
   (``BLOCK_M = min(block_size, 128)``, ``BLOCK_N = min(block_size, 64)``); FlexAttention's default tile
-  (128 x 64) would refuse a 64-token mask.
-* ``auto``: ``flex`` on CUDA (``reference`` for float64, which FlexAttention does not take there),
-  ``reference`` elsewhere.
+  (128 x 64) would refuse a 64-token mask. float64 is a ``ValueError`` (FlexAttention's compiled kernels
+  do not take it), as is float16 on CPU.
+* ``auto``: ``flex`` on CUDA (``reference`` for float64), ``reference`` elsewhere.
+
+Inputs are checked before anything runs: shapes and dtypes, NaN/inf in q, k, v (``check_finite``), and a
+given selection's grid and rows (every row must keep a causally valid block).
 
 Fewer queries than one block (decode, tiny chunks) take a dense path: every causally valid key.
 """
@@ -238,8 +241,6 @@ def sparse_attention(
         backend = "flex" if q.is_cuda and q.dtype != torch.float64 else "reference"
     if backend == "flex":
         check_flex_available(q, block_size)
-    if "check_finite" in options:
-        raise ValueError("check_finite is an argument of sparse_attention itself; pass it once")
     scale = options.get("scale")
     if selection is None:
         if check_finite:

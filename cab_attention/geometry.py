@@ -87,6 +87,19 @@ def check_threshold(threshold: float) -> None:
         raise ValueError(f"threshold (adaptive mode) must be a number in (0, 1], got {threshold!r}")
 
 
+def blocks_kept(valid: torch.Tensor | int, sparsity: float) -> torch.Tensor | int:
+    """The fixed-sparsity budget, the one home of its formula: a row with ``v`` causally valid blocks
+    keeps ``min(v, max(2, ceil((1 - sparsity) * v)))`` (the sink and diagonal blocks included).
+
+    Args: valid: an int, or an integer tensor of per-row counts (returned as int64 of its shape).
+    """
+    # ceil in float64 with a small guard so that e.g. (1 - 0.9) * 10 = 1.0000000000000002 counts 1.
+    if isinstance(valid, torch.Tensor):
+        keep = torch.ceil((1.0 - float(sparsity)) * valid.double() - 1e-9).long()
+        return torch.minimum(valid.long(), keep.clamp_min(2))
+    return min(int(valid), max(2, math.ceil((1.0 - float(sparsity)) * int(valid) - 1e-9)))
+
+
 @dataclass(frozen=True)
 class BlockGrid:
     """The coarse block grid of one attention call.
@@ -149,11 +162,9 @@ class BlockGrid:
         return (j[None, :] == 0) | (j[None, :] == self.diagonal(device)[:, None])
 
     def budget(self, sparsity: float, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[Mq]`` int64: ``k_i = min(v_i, max(2, ceil((1 - sparsity) * v_i)))`` blocks per row."""
-        v = self.valid(device).sum(-1)
-        # Compute ceil in float64 with a small guard so that e.g. (1 - 0.9) * 10 = 1.0000000000000002 counts 1.
-        keep = torch.ceil((1.0 - float(sparsity)) * v.double() - 1e-9).long()
-        return torch.minimum(v, keep.clamp_min(2))
+        """``[Mq]`` int64: ``k_i = min(v_i, max(2, ceil((1 - sparsity) * v_i)))`` blocks per row
+        (:func:`blocks_kept` of each row's ``v_i`` valid blocks)."""
+        return blocks_kept(self.valid(device).sum(-1), sparsity)
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool) -> "BlockGrid":

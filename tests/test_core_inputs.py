@@ -216,3 +216,71 @@ def test_bad_stride_fails_on_the_dense_short_path_too(stride):
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, seed=52)
     with pytest.raises(ValueError, match="stride"):
         cab.select_blocks(q, k, selector="antidiagonal", stride=stride, block_size=16)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_name_the_tensor(good, which, bad):
+    t = dict(zip("qkv", (x.clone() for x in good)))
+    t[which][0, 1, 7, 3] = bad
+    calls = [lambda: cab.sparse_attention(t["q"], t["k"], t["v"], sparsity=0.5, block_size=16, backend="reference")]
+    if which != "v":
+        calls.append(lambda: cab.select_blocks(t["q"], t["k"], sparsity=0.5, block_size=16))
+    sel = cab.select_blocks(*good[:2], sparsity=0.5, block_size=16)
+    calls.append(lambda: cab.sparse_attention(t["q"], t["k"], t["v"], selection=sel, backend="reference"))
+    raises_all(calls, rf"^{which} holds NaN or inf")
+
+
+def test_check_finite_false_skips_the_check(good):
+    q, k, v = (x.clone() for x in good)
+    v[0, 0, 5, 0] = float("nan")
+    out = cab.sparse_attention(q, k, v, sparsity=0.5, block_size=16, backend="reference", check_finite=False)
+    assert out.isnan().any()  # the NaN flows through, as asked
+    q[0, 0, 3, 0] = float("inf")
+    sel = cab.select_blocks(q, k, sparsity=0.5, block_size=16, check_finite=False)
+    assert sel.mask.shape[-1] == 4
+    with pytest.raises(ValueError, match="check_finite must be True or False"):
+        cab.sparse_attention(q, k, v, sparsity=0.5, block_size=16, check_finite=1)
+    with pytest.raises(ValueError, match="check_finite must be True or False"):
+        cab.select_blocks(q, k, sparsity=0.5, block_size=16, check_finite=None)
+
+
+def test_module_passes_check_finite(good):
+    layer = cab.CABAttention(32, 4, 2, block_size=16, sparsity=0.5, backend="reference")
+    x = torch.randn(1, 64, 32)
+    x[0, 10, 0] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        layer(x)
+    off = cab.CABAttention(32, 4, 2, block_size=16, sparsity=0.5, backend="reference", check_finite=False)
+    assert off(x).isnan().any()
+
+
+def test_empty_selection_row_is_rejected(good):
+    q, k, v = good
+    sel = cab.select_blocks(q, k, sparsity=0.5, block_size=16)
+    sel.mask[0, 2, 3] = False  # a hand-edited row among valid blocks
+    for backend in ("reference", "auto"):
+        with pytest.raises(ValueError, match=r"selection\.mask keeps no .*head 2, query block 3"):
+            cab.sparse_attention(q, k, v, selection=sel, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"sparsity": 0.5}, {"selector": "magnitude"}, {"selector": "cab", "sparsity": 0.9}, {"coarsen": "mean"},
+           {"share_kv": True}]
+)
+def test_selection_with_selector_arguments_is_an_error(good, kw):
+    q, k, v = good
+    sel = cab.select_blocks(q, k, sparsity=0.5, block_size=16)
+    with pytest.raises(ValueError, match=rf"{sorted(kw)[0] if len(kw) == 1 else 'selector, sparsity'}.*selection="):
+        cab.sparse_attention(q, k, v, selection=sel, backend="reference", **kw)
+    # scale and check_finite are execution arguments: allowed with a selection.
+    cab.sparse_attention(q, k, v, selection=sel, backend="reference", scale=0.3, check_finite=False)
+
+
+def test_flex_float64_on_cpu_is_a_clear_error(good):
+    q, k, v = (x.double() for x in good)
+    with pytest.raises(ValueError, match="backend='flex' does not support float64"):
+        cab.sparse_attention(q, k, v, sparsity=0.5, block_size=16, backend="flex")
+    # auto picks the exact reference for float64
+    out = cab.sparse_attention(q, k, v, sparsity=0.5, block_size=16, backend="auto")
+    assert out.dtype == torch.float64

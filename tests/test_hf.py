@@ -290,6 +290,44 @@ def test_load_errors(tmp_path, monkeypatch):
         hf.load_model(tmp_path, dtype="float8")
 
 
+def test_model_dir_env_and_cache_location(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAB_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setenv("CAB_MODEL_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="CAB_MODEL_DIR"):
+        hf.find_smollm2_gguf()
+    gguf = tmp_path / hf.SMOLLM2_GGUF_NAME
+    gguf.write_bytes(b"GGUF")
+    assert hf.find_smollm2_gguf() == gguf
+    monkeypatch.setenv("CAB_CACHE_DIR", str(tmp_path / "cache"))
+    assert hf.cache_root() == tmp_path / "cache"
+
+
+def test_non_finite_inputs_in_a_model_layer():
+    m = tiny_llama()
+    attn = m.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    v[0, 1, 5, 2] = float("nan")
+    for sparsity in (0.5, 0.0):  # the block-sparse path and the keep-everything (dense) path
+        hf.enable(m, selector="magnitude", sparsity=sparsity, block_size=BS)
+        with pytest.raises(ValueError, match="^v holds NaN or inf"):
+            hf.cab_attention_forward(attn, q, k, v, None, scaling=attn.scaling)
+    hf.enable(m, selector="magnitude", sparsity=0.5, block_size=BS, check_finite=False)
+    out, _ = hf.cab_attention_forward(attn, q, k, v, None, scaling=attn.scaling)
+    assert out.isnan().any()
+    with pytest.raises(ValueError, match="check_finite"):
+        hf.enable(m, check_finite="no")
+
+
+def test_recorder_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="AttentionCallLog"):
+        assert hf.Recorder is hf.AttentionCallLog
+    m = tiny_llama()
+    hf.enable(m, sparsity=0.5, block_size=BS)
+    with hf.record(m) as log:
+        pass
+    assert isinstance(log, hf.AttentionCallLog)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The real model
 # ----------------------------------------------------------------------------------------------------

