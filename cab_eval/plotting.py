@@ -43,5 +43,6 @@ def coincidences(values: dict[str, Sequence[float]], tol: float = 1e-9) -> dict[
 
 
 def legend_label(label: str, same: dict[str, list[str]]) -> str:
-    """``label`` with ``(= other)`` appended when its values coincide with another method's."""
-    return label + (f"  (= {', '.join(same[label])})" if label in same else "")
+    """``label`` with ``(= other)`` appended when its values coincide with an earlier method's (the first
+    one named; the tables list them all)."""
+    return label + (f"  (= {same[label][0]})" if label in same else "")

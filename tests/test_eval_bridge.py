@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cab_attention.evaluate import bridge as B
+from cab_eval.evaluate import bridge as B
 
 SPARSITIES = (0.8, 0.9, 0.95, 0.99)
 
@@ -40,7 +40,9 @@ def test_forman_scores_match_the_formula_on_a_small_graph():
 
 def test_block_level_goes_through_the_library_and_sees_the_same_graph():
     a = B.sbm_weights(42)
-    res = B.block_level(a, (0.5, 0.9), block_size=8, methods=["magnitude", "cab", "oracle"])
+    forman = B.BLOCK_METHODS[1][0]
+    assert forman == "cab:coarsen=max_l2,keep=lowest,score=forman"
+    res = B.block_level(a, (0.5, 0.9), block_size=8, methods=["magnitude", forman, "oracle"])
     # The embedding makes the library's coarse affinity the toy's A, and its Forman score of the bridge
     # edge the toy's -85.71.
     assert res["coarse_affinity_error"] < 1e-5

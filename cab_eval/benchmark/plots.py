@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import MARKERS, coincidences, legend_label, line_style
 from .io import read_csv
 
 STAGES = ("coarsen", "score", "select", "mask")
@@ -81,10 +82,13 @@ def make_plots(csv_path: Path, out_dir: Path, sparsity: float = 0.95) -> list[Pa
         (f"total:magnitude[{impl}]", sparsity, f"magnitude total {sparsity:.0%} [{impl}]", "-."),
         ("total:antidiagonal[torch]", sparsity, f"antidiagonal total {sparsity:.0%}", "-."),
     ]
-    for case, s, label, style in lines:
-        pts = series(rows, case, sparsity=s)
+    drawn = {label: series(rows, case, sparsity=s) for case, s, label, _ in lines}
+    same = coincidences({k: [v for _, v in pts] for k, pts in drawn.items() if pts})
+    for i, (case, s, label, style) in enumerate(lines):
+        pts = drawn[label]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=MARKERS[i % len(MARKERS)], ms=4, mfc="none",
+                    label=legend_label(label, same))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N (B = 1)")
@@ -101,7 +105,7 @@ def make_plots(csv_path: Path, out_dir: Path, sparsity: float = 0.95) -> list[Pa
     ):
         pts = series(rows, case, sparsity=s, key="tflops")
         if pts:
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{**line_style(len(ax2.lines)), "ms": 4})
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("sequence length N (B = 1)")
     ax2.set_ylabel("TFLOP/s on computed tiles")

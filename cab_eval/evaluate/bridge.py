@@ -35,12 +35,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .report import bootstrap_ci, comma_floats, comma_ints, environment, markdown_table, wilson, write_csv, write_json, write_summary
+from .report import RowsFile, bootstrap_ci, comma_floats, comma_ints, environment, markdown_table, wilson, write_csv, write_json, write_summary
+from .text import format_selector_spec
 
 N_NODES = 100
 COMMUNITY = 50
@@ -52,21 +53,24 @@ NON_EDGE_SCORE = 1000.0
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_NOISE = (0, 5, 20, 100)
 
-# Block-level selectors: (label, selector, options).
-BLOCK_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("magnitude", "magnitude", {}),
-    ("cab", "cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}),  # the seed's
+# Block-level selectors: (selector, options); a method's label is format_selector_spec of the pair.
+_FORMAN_LOW = {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}  # CAB's first formulation
+_BLOCK_SPECS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("magnitude", {}),
+    ("cab", _FORMAN_LOW),
     # edges="positive": zero-affinity block pairs rank last, as the toy's non-edges (score 1000) do.
-    ("cab-pos", "cab", {"score": "forman", "keep": "lowest", "coarsen": "max_l2", "edges": "positive"}),
-    ("cab-high", "cab", {"score": "forman", "keep": "highest", "coarsen": "max_l2"}),
-    ("tri-low", "cab", {"score": "triangle", "keep": "lowest", "coarsen": "max_l2"}),
-    ("tri-high", "cab", {"score": "triangle", "keep": "highest", "coarsen": "max_l2"}),
-    ("streaming", "streaming", {}),
-    ("random", "random", {"seed": 0}),
-    ("antidiagonal", "antidiagonal", {}),
-    ("oracle", "oracle", {}),
+    ("cab", {**_FORMAN_LOW, "edges": "positive"}),
+    ("cab", {**_FORMAN_LOW, "keep": "highest"}),
+    ("cab", {"score": "triangle", "keep": "lowest", "coarsen": "max_l2"}),
+    ("cab", {"score": "triangle", "keep": "highest", "coarsen": "max_l2"}),
+    ("streaming", {}),
+    ("random", {"seed": 0}),
+    ("antidiagonal", {}),
+    ("oracle", {}),
 )
-SWEEP_BLOCK_METHODS = ("magnitude", "cab", "cab-pos", "cab-high")
+BLOCK_METHODS: tuple[tuple[str, str, dict[str, Any]], ...] = tuple(
+    (format_selector_spec(name, opts), name, opts) for name, opts in _BLOCK_SPECS)
+SWEEP_BLOCK_METHODS = tuple(BLOCK_METHODS[i][0] for i in (0, 1, 2, 3))  # magnitude and three Forman variants
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,7 +253,10 @@ def noise_sweep(
     block_size: int,
     progress: bool = True,
     device: str = "cpu",
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Bridge rank and retrieval per noise level and seed; ``on_row`` gets each seed's row as it is done
+    (``cab eval bridge`` appends it to ``bridge_noise_sweep.csv``, so an interrupted sweep keeps it)."""
     from tqdm.auto import tqdm
 
     per_seed: list[dict[str, Any]] = []
@@ -268,6 +275,8 @@ def noise_sweep(
             for m in SWEEP_BLOCK_METHODS:
                 row[f"block-{m}@{key}"] = bl["retrieved"][m][key]
         per_seed.append(row)
+        if on_row is not None:
+            on_row(row)
     methods = ["h2o", "cab"] + [f"block-{m}" for m in SWEEP_BLOCK_METHODS]
     summary = []
     for n in noise_levels:
@@ -303,6 +312,8 @@ def _plots(out: Path, a: np.ndarray, result: dict[str, Any]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ..plotting import coincidences, legend_label, line_style
 
     files = []
     f = forman_scores(a)
@@ -359,19 +370,21 @@ def _plots(out: Path, a: np.ndarray, result: dict[str, Any]) -> list[str]:
     axes[0].legend()
     # The highest sparsity: the smallest budget, where noise edges can push the bridge out.
     s_show = max(sw[0]["retrieval"]["cab"], key=float)
-    for m in result["noise_sweep"]["methods"]:
-        rates = [e["retrieval"][m][s_show]["rate"] for e in sw]
-        err = np.array([[e["retrieval"][m][s_show]["rate"] - e["retrieval"][m][s_show]["ci"][0] for e in sw],
-                        [e["retrieval"][m][s_show]["ci"][1] - e["retrieval"][m][s_show]["rate"] for e in sw]])
-        axes[1].errorbar(range(len(ns)), rates, yerr=err, marker="o", capsize=3, label=m)
+    rates = {m: [e["retrieval"][m][s_show]["rate"] for e in sw] for m in result["noise_sweep"]["methods"]}
+    same = coincidences(rates)
+    for i, m in enumerate(rates):
+        r = [e["retrieval"][m][s_show] for e in sw]
+        # Clamped at 0: a Wilson bound can miss the rate by a rounding error at 0 or 1.
+        err = np.array([[x["rate"] - x["ci"][0] for x in r], [x["ci"][1] - x["rate"] for x in r]]).clip(min=0)
+        axes[1].errorbar(range(len(ns)), rates[m], yerr=err, capsize=3, label=legend_label(m, same), **line_style(i))
     axes[1].set_xticks(range(len(ns)), [str(n) for n in ns])
     axes[1].set_xlabel("weak cross-community noise edges")
     axes[1].set_ylabel(f"bridge retrieval rate at s={s_show} (95% Wilson)")
     axes[1].set_ylim(-0.05, 1.05)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     p = out / "bridge_noise_sweep.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     files.append(p.name)
     return files
@@ -459,7 +472,10 @@ def run(
     result["token_level"] = tl
     result["block_level"] = block_level(a, sparsities, block_size, device=device)
     seed_list = list(range(42, 42 + seeds))
-    result["noise_sweep"] = noise_sweep(noise_levels, seed_list, sparsities, block_size, progress, device)
+    sweep_file = RowsFile(out / "bridge_noise_sweep.csv")
+    sweep_file.start(resume=False)
+    result["noise_sweep"] = noise_sweep(noise_levels, seed_list, sparsities, block_size, progress, device,
+                                        on_row=lambda r: sweep_file.append([r]))
     result["files"] = ["bridge.json", "bridge_token_level.csv", "bridge_block_level.csv", "bridge_noise_sweep.csv",
                        "summary.md"]
     result["files"] += _plots(out, a, result)
@@ -471,7 +487,6 @@ def run(
          "row_budget": bl["row_budget"][s], "density": bl["density"][m][s]}
         for m, d in bl["retrieved"].items() for s, kept in d.items()
     ])
-    write_csv(out / "bridge_noise_sweep.csv", result["noise_sweep"]["per_seed"])
     write_json(out / "bridge.json", result)
     write_summary(out / "summary.md", "Bridge experiment (seed N=100)", _summary_md(result), result["environment"])
     return result
@@ -505,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     bl = res["block_level"]
     print(f"\nblock level (block {bl['block_size']}, library selectors, causal=False): bridge block kept?")
     sps = list(bl["row_budget"])
-    print(f"{'selector':>13} " + " ".join(f"{'s=' + s:>7}" for s in sps))
+    width = max(len(m) for m in bl["retrieved"])
+    print(f"{'selector':>{width}} " + " ".join(f"{'s=' + s:>7}" for s in sps))
     for m, d in bl["retrieved"].items():
-        print(f"{m:>13} " + " ".join(f"{('kept' if d[s] else 'lost'):>7}" for s in sps))
+        print(f"{m:>{width}} " + " ".join(f"{('kept' if d[s] else 'lost'):>7}" for s in sps))
     shown = sorted(sps, key=float)[-2:]
     print(f"\nnoise sweep ({len(res['noise_sweep']['seeds'])} seeds per point): bridge rank median [min, max]; "
           "retrieval rate at s=" + " / ".join(shown))

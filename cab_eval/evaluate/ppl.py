@@ -34,11 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from .recall import Config, load_model, parse_spec, text_windows
-from .report import comma_floats, environment, markdown_table, write_csv, write_json, write_summary
+from .report import RowsFile, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
 
-DEFAULT_SELECTORS = ("cab", "cab-seed@cab:score=forman,keep=lowest,coarsen=max_l2",
+DEFAULT_SELECTORS = ("cab", "cab:score=forman,keep=lowest,coarsen=max_l2",
                      "cab:score=forman,keep=highest,coarsen=max_l2", "magnitude", "streaming", "antidiagonal")
 CPU_SELECTORS = ("cab", "magnitude", "streaming")
+# What a (configuration, sparsity) job measured besides the loss; kept in ppl_windows.csv for --resume.
+JOB_FIELDS = ("density", "kept_blocks", "valid_blocks")
+SPEED_FIELDS = ("forward_ms", "dense_attn_ms", "predictor_ms", "kernel_ms", "attn_ms")
+TEXT_FIELDS = ("method", "selector")
 
 
 def window_nll(model, ids: torch.Tensor) -> tuple[float, int]:
@@ -137,21 +141,70 @@ def _speed(model, ids: torch.Tensor, cfg: Config | None, sparsity: float, block_
     return out
 
 
+def _run_job(m, ids: torch.Tensor, cfg: Config | None, s: float, block_size: int, reps: int, gpu: bool,
+             bar) -> tuple[list[float], list[int], dict[str, Any]]:
+    """One (configuration, sparsity) over every window: NLL sums, token counts, and the job's density,
+    block counts and (CUDA) speed. ``cfg`` None: the model's own dense attention."""
+    from cab_attention import hf
+
+    nlls, counts = [], []
+    if cfg is not None:
+        hf.enable(m, selector=cfg.selector, sparsity=s, block_size=block_size, **cfg.options)
+    try:
+        if cfg is not None:
+            with hf.record(m) as rec:
+                for w in range(ids.shape[0]):
+                    nll, c = window_nll(m, ids[w])
+                    nlls.append(nll), counts.append(c)
+                    bar.update(1)
+            job = {"density": rec.density if rec.density is not None else 1.0, "kept_blocks": rec.kept_blocks,
+                   "valid_blocks": rec.valid_blocks}
+        else:
+            for w in range(ids.shape[0]):
+                nll, c = window_nll(m, ids[w])
+                nlls.append(nll), counts.append(c)
+                bar.update(1)
+            job = {"density": 1.0, "kept_blocks": None, "valid_blocks": None}
+        job.update(_speed(m, ids[0], cfg, s, block_size, reps) if gpu else {})
+    finally:
+        if cfg is not None:
+            hf.disable(m)
+    return nlls, counts, job
+
+
+def finished_jobs(rows: list[dict[str, Any]], windows: int) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Rows of ``ppl_windows.csv`` grouped by (method, sparsity), for the jobs that have every window."""
+    jobs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        jobs.setdefault((r["method"], round(float(r["sparsity"]), 9)), []).append(r)
+    out = {}
+    for key, rs in jobs.items():
+        rs = sorted(rs, key=lambda r: r["window"])
+        if [r["window"] for r in rs] == list(range(windows)):
+            out[key] = rs
+    return out
+
+
 def _plots(out: Path, rows: list[dict[str, Any]], dense: dict[str, Any], gpu: bool) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import coincidences, legend_label, line_style
+
     xkey = "attn_ms" if gpu else "density"
     xlabel = ("attention time per layer, predictor + kernel (ms, CUDA events)" if gpu
               else "effective block density (kept / causal blocks)")
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        sub = sorted((r for r in rows if r["method"] == m), key=lambda r: r[xkey])
+    curves = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
+              for m in dict.fromkeys(r["method"] for r in rows)}
+    same = coincidences({m: [r["ppl"] for r in sub] for m, sub in curves.items()})
+    for i, (m, sub) in enumerate(curves.items()):
+        sub = sorted(sub, key=lambda r: r[xkey])
         ax.errorbar([r[xkey] for r in sub], [r["ppl"] for r in sub],
                     yerr=[[r["ppl"] - r["ppl_lo"] for r in sub], [r["ppl_hi"] - r["ppl"] for r in sub]],
-                    marker="o", capsize=3, label=m)
+                    capsize=3, label=legend_label(m, same), **line_style(i))
         for r in sub:
             ax.annotate(f"{r['sparsity']:g}", (r[xkey], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.errorbar([dense[xkey]], [dense["ppl"]], yerr=[[dense["ppl"] - dense["ppl_lo"]], [dense["ppl_hi"] - dense["ppl"]]],
@@ -189,11 +242,14 @@ def run(
     progress: bool = True,
     reps: int = 10,
     model_obj=None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """The perplexity evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``."""
-    from tqdm.auto import tqdm
+    """The perplexity evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``.
 
-    from cab_attention import hf
+    ``ppl_windows.csv`` grows one (configuration, sparsity) at a time; ``resume=True`` keeps the jobs an
+    interrupted run of the same command finished there and runs only the others.
+    """
+    from tqdm.auto import tqdm
     from cab_attention.geometry import check_block_size, check_sparsity
 
     check_block_size(block_size)
@@ -215,44 +271,37 @@ def run(
     per_window: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs) * windows, desc="ppl (config x window)", disable=not progress, file=sys.stderr)
+    # Per-window rows go to disk after every (configuration, sparsity), with what the job measured
+    # besides the loss, so that an interrupted run keeps them and --resume skips those jobs.
+    windows_file = RowsFile(out / "ppl_windows.csv", TEXT_FIELDS)
+    finished = finished_jobs(windows_file.start(resume), windows)
+    if resume:
+        windows_file.start(False)
+        windows_file.append([r for rows in finished.values() for r in rows])
     dense_nll = None
     try:
         for cfg, s in jobs:
             label = "dense" if cfg is None else cfg.label
-            nlls, counts = [], []
-            density = 1.0
-            if cfg is not None:
-                hf.enable(m, selector=cfg.selector, sparsity=s, block_size=block_size, **cfg.options)
-            try:
-                if cfg is not None:
-                    with hf.record(m) as rec:
-                        for w in range(windows):
-                            nll, c = window_nll(m, ids[w])
-                            nlls.append(nll), counts.append(c)
-                            bar.update(1)
-                    density = rec.density if rec.density is not None else 1.0
-                    kept, valid = rec.kept_blocks, rec.valid_blocks
-                else:
-                    for w in range(windows):
-                        nll, c = window_nll(m, ids[w])
-                        nlls.append(nll), counts.append(c)
-                        bar.update(1)
-                    kept = valid = None
-                speed = _speed(m, ids[0], cfg, s, block_size, reps) if gpu else {}
-            finally:
-                if cfg is not None:
-                    hf.disable(m)
+            got = finished.get((label, round(float(s), 9)))
+            if got:
+                nlls, counts = [r["nll"] for r in got], [r["tokens"] for r in got]
+                job = {k: got[0][k] for k in JOB_FIELDS + SPEED_FIELDS if k in got[0]}
+                bar.update(windows)
+            else:
+                nlls, counts, job = _run_job(m, ids, cfg, s, block_size, reps, gpu, bar)
             if cfg is None:
                 dense_nll = nlls
             ppl, lo, hi = ppl_with_ci(nlls, counts)
             d, dlo, dhi = paired_nll_diff(nlls, dense_nll, counts)
             row = {"method": label, "selector": "dense" if cfg is None else cfg.selector, "sparsity": s,
                    "ppl": ppl, "ppl_lo": lo, "ppl_hi": hi, "nll_diff_vs_dense": d, "nll_diff_lo": dlo,
-                   "nll_diff_hi": dhi, "density": density, "kept_blocks": kept, "valid_blocks": valid, **speed}
+                   "nll_diff_hi": dhi, **job}
             results.append(row)
-            for w, (nll, c) in enumerate(zip(nlls, counts)):
-                per_window.append({"method": label, "sparsity": s, "window": w, "nll": nll, "tokens": c,
-                                   "ppl": math.exp(nll / c)})
+            rows = [{"method": label, "selector": row["selector"], "sparsity": s, "window": w, "nll": nll, "tokens": c,
+                     "ppl": math.exp(nll / c), **job} for w, (nll, c) in enumerate(zip(nlls, counts))]
+            per_window += rows
+            if not got:
+                windows_file.append(rows)
     finally:
         bar.close()
     dense = results[0]
@@ -269,14 +318,20 @@ def run(
     files = ["ppl.json", "ppl.csv", "ppl_windows.csv", "summary.md"] + _plots(out, sparse_rows, dense, gpu)
     result["seconds"] = time.perf_counter() - t0
     result["files"] = files
-    cols = ["method", "sparsity", "ppl [95% CI]", "ΔNLL/token vs dense [95% CI]", "density"]
+    from ..plotting import coincidences
+
+    cols = ["method", "sparsity", "ppl [95% CI]", "ΔNLL/token vs dense [95% CI]", "density", "same values as"]
+    by_method: dict[str, list[float]] = {}
+    for r in sorted(sparse_rows, key=lambda r: r["sparsity"]):
+        by_method.setdefault(r["method"], []).append(r["ppl"])
+    same = coincidences(by_method)
     if gpu:
         cols += ["forward ms", "predictor ms", "kernel ms", "dense attn ms"]
     table = []
     for r in results:
         row = {"method": r["method"], "sparsity": r["sparsity"], "ppl [95% CI]": f"{r['ppl']:.3f} [{r['ppl_lo']:.3f}, {r['ppl_hi']:.3f}]",
                "ΔNLL/token vs dense [95% CI]": f"{r['nll_diff_vs_dense']:+.4f} [{r['nll_diff_lo']:+.4f}, {r['nll_diff_hi']:+.4f}]",
-               "density": f"{r['density']:.4f}"}
+               "density": f"{r['density']:.4f}", "same values as": ", ".join(same.get(r["method"], [])) or "-"}
         if gpu:
             row.update({"forward ms": f"{r['forward_ms']:.2f}", "predictor ms": f"{r['predictor_ms']:.3f}",
                         "kernel ms": f"{r['kernel_ms']:.3f}", "dense attn ms": f"{r['dense_attn_ms']:.3f}"})
@@ -292,7 +347,8 @@ def run(
     body += f"\nFiles: {', '.join(files)}. Took {result['seconds']:.1f} s (model load {t_load:.1f} s).\n"
     write_json(out / "ppl.json", result)
     write_csv(out / "ppl.csv", results)
-    write_csv(out / "ppl_windows.csv", per_window)
+    windows_file.start(False)
+    windows_file.append(per_window)
     write_summary(out / "summary.md", "Perplexity vs sparsity" + (" and speed" if gpu else ""), body, env)
     return result
 
@@ -310,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="selection block (default 64 with cuda; 32 on CPU, whose default windows are 1024 tokens)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (CUDA)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the (selector, sparsity) jobs an interrupted run finished in <out>/ppl_windows.csv")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -325,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     length = a.length or (8192 if cuda else 1024)
     block_size = a.block_size or (64 if cuda else 32)
     res = run(Path(a.out), selectors, sparsities, windows, length, block_size, a.device, a.model,
-              not a.no_progress, a.reps)
+              not a.no_progress, a.reps, resume=a.resume)
     if a.json:
         print(json.dumps({k: res[k] for k in ("dense", "results", "windows", "length", "block_size", "environment")},
                          default=float))

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .report import bootstrap_ci, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
+from .report import RowsFile, bootstrap_ci, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
 
 DEFAULT_CONFIGS = (
     "oracle",
     "cab",
-    "cab-seed@cab:score=forman,keep=lowest,coarsen=max_l2",
+    "cab:score=forman,keep=lowest,coarsen=max_l2",
     "cab:score=forman,keep=highest,coarsen=max_l2",
     "magnitude",
     "streaming",
@@ -50,6 +50,8 @@ DEFAULT_CONFIGS = (
     "antidiagonal",
 )
 ATTN_NAME = "cab_eval_record"
+# Columns of recall.csv and recall_heads.csv that hold text, read back as strings.
+TEXT_FIELDS = ("method", "selector")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,9 +70,12 @@ class Config:
 def parse_spec(spec: str) -> Config:
     """``[label@]selector[:opt=value,...]`` -> :class:`Config`, options checked by the library.
 
+    Without a label the label is :func:`cab_eval.evaluate.text.format_selector_spec` of the spec (options
+    sorted), the one spelling every table, plot and JSON file uses for that configuration.
+
     Raises ``ValueError`` naming the spec for an unknown selector or option, or a malformed spec.
     """
-    from .text import parse_selector_spec
+    from .text import format_selector_spec, parse_selector_spec
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"selector spec must be a non-empty string like 'cab:keep=highest', got {spec!r}")
@@ -84,7 +89,7 @@ def parse_spec(spec: str) -> Config:
         name, opts = parse_selector_spec(text)
     except ValueError as e:
         raise ValueError(f"selector spec {spec!r}: {e}") from None
-    return Config(label or text, name, opts)
+    return Config(label or format_selector_spec(name, opts), name, opts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,9 +255,10 @@ def layer_metrics(
 # The recording attention function.
 
 
-class Recorder:
-    """Attention function for ``transformers.AttentionInterface``: dense SDPA for the forward pass, and
-    the recall metrics of every configuration and sparsity on the side, appended to ``self.rows``."""
+class RecallRecorder:
+    """Records recall: an attention function for ``transformers.AttentionInterface`` that runs dense SDPA
+    for the forward pass and, on the side, appends the recall metrics of every configuration and sparsity
+    on each layer to ``self.rows`` (per layer) and ``self.head_rows`` (per head)."""
 
     def __init__(self, configs: Sequence[Config], sparsities: Sequence[float], block_size: int,
                  on_layer: Callable[[], None] | None = None):
@@ -307,29 +313,52 @@ class Recorder:
                 idx += 1
 
 
-def register(recorder: Recorder) -> None:
+# The old name, kept for one release.
+Recorder = RecallRecorder
+
+
+def register(recorder: RecallRecorder) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, recorder)
 
 
-def record(model, windows: torch.Tensor, recorder: Recorder) -> None:
-    """Run ``model`` over each window with the recorder as its attention function (restored after)."""
+def record(model, windows: torch.Tensor, recorder: RecallRecorder, skip: Sequence[int] = (),
+           on_window: Callable[[int], None] | None = None) -> None:
+    """Run ``model`` over each window ``[W, L]`` with the recorder as its attention function (restored
+    after); ``skip``: window indices already measured; ``on_window(w)`` after each window."""
     register(recorder)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     try:
         dev = next(model.parameters()).device
         for w in range(windows.shape[0]):
+            if w in skip:
+                continue
             recorder.window = w
             with torch.no_grad():
                 model(input_ids=windows[w : w + 1].to(dev), use_cache=False)
+            if on_window is not None:
+                on_window(w)
     finally:
         model.set_attn_implementation(previous)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Aggregation, plots, report.
+
+
+def complete_windows(rows: Sequence[dict[str, Any]], labels: Sequence[str], sparsities: Sequence[float],
+                     layers: int, windows: int) -> set[int]:
+    """Windows (below ``windows``) whose rows cover every layer, configuration label and sparsity: what
+    an interrupted run finished and ``--resume`` keeps."""
+    want = {(m, round(float(s), 9)) for m in labels for s in sparsities}
+    seen: dict[int, set] = {}
+    for r in rows:
+        key = (r["method"], round(float(r["sparsity"]), 9))
+        if key in want:
+            seen.setdefault(int(r["window"]), set()).add((key, r["layer"]))
+    return {w for w, got in seen.items() if w < windows and len(got) == len(want) * layers}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -451,10 +480,13 @@ def run(
     progress: bool = True,
     ablation: bool = False,
     model_obj=None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The recall evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``.
 
     ``model_obj`` (a ``(model, tokenizer)`` pair) skips loading, for tests and callers that hold one.
+    ``recall.csv`` and ``recall_heads.csv`` grow window by window; ``resume=True`` keeps the windows an
+    interrupted run of the same command finished there and measures only the others.
     """
     from tqdm.auto import tqdm
 
@@ -477,9 +509,24 @@ def run(
     ids = text_windows(tok, windows, length)
     n_layers = m.config.num_hidden_layers
     bar = tqdm(total=windows * n_layers, desc="recall (window x layer)", disable=not progress, file=sys.stderr)
-    rec = Recorder(cfgs, sparsities, block_size, on_layer=lambda: bar.update(1))
+    rec = RecallRecorder(cfgs, sparsities, block_size, on_layer=lambda: bar.update(1))
+    # Rows go to disk after every window, so that an interrupted run keeps them and --resume skips them.
+    rows_file, heads_file = RowsFile(out / "recall.csv", TEXT_FIELDS), RowsFile(out / "recall_heads.csv", TEXT_FIELDS)
+    prev, prev_heads = rows_file.start(resume), heads_file.start(resume)
+    done = complete_windows(prev, [c.label for c in cfgs], sparsities, n_layers, windows)
+    rec.rows = [r for r in prev if r["window"] in done]
+    rec.head_rows = [r for r in prev_heads if r["window"] in done]
+    if resume:
+        rows_file.start(False), heads_file.start(False)
+        rows_file.append(rec.rows), heads_file.append(rec.head_rows)
+        bar.update(len(done) * n_layers)
+
+    def checkpoint(w: int) -> None:
+        rows_file.append([r for r in rec.rows if r["window"] == w])
+        heads_file.append([r for r in rec.head_rows if r["window"] == w])
+
     try:
-        record(m, ids, rec)
+        record(m, ids, rec, skip=done, on_window=checkpoint)
     finally:
         bar.close()
     summary = aggregate(rec.rows)
@@ -522,8 +569,8 @@ def run(
     body += f"\nFiles: {', '.join(files)}. Took {result['seconds']:.1f} s (model load {t_load:.1f} s).\n"
     result["files"] = files
     write_json(out / "recall.json", result)
-    write_csv(out / "recall.csv", rec.rows)
-    write_csv(out / "recall_heads.csv", rec.head_rows)
+    rows_file.start(False), heads_file.start(False)
+    rows_file.append(rec.rows), heads_file.append(rec.head_rows)
     write_csv(out / "recall_summary.csv", summary)
     write_summary(out / "summary.md", "Attention recall" + (" (pre-registered ablation)" if ablation else ""), body, env)
     return result
@@ -542,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--ablation", action="store_true", help="run the pre-registered ablation (docs/results.md)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the windows an interrupted run of the same command finished in <out>/recall.csv")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
@@ -562,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     windows = a.windows or (8 if cuda else 3)
     length = a.length or (8192 if cuda else 2048)
     out = Path(a.out or ("runs/ablation" if a.ablation else "runs/recall"))
-    res = run(out, configs, sparsities, windows, length, a.block_size, a.device, a.model, not a.no_progress, a.ablation)
+    res = run(out, configs, sparsities, windows, length, a.block_size, a.device, a.model, not a.no_progress, a.ablation,
+              resume=a.resume)
     if a.json:
         keep = {k: res[k] for k in ("summary", "windows", "length", "block_size", "sparsities", "environment")}
         if "ablation" in res:
@@ -571,9 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"recall: {windows} windows x {length} tokens, block {a.block_size}, {res['dtype']} on {a.device}")
     print(f"{'method':>22} {'sparsity':>8} {'recall [95% CI]':>24} {'rel. error [95% CI]':>24} {'density':>8}")
+    same = same_values(res["summary"])
     for r in res["summary"]:
+        note = f"  (same values as {', '.join(same[r['method']])})" if r["method"] in same else ""
         print(f"{r['method']:>22} {r['sparsity']:>8g} {r['recall']:.3f} [{r['recall_lo']:.3f}, {r['recall_hi']:.3f}]"
-              f"{'':>4} {r['rel_err']:.3f} [{r['rel_err_lo']:.3f}, {r['rel_err_hi']:.3f}]{'':>4} {r['density']:>8.4f}")
+              f"{'':>4} {r['rel_err']:.3f} [{r['rel_err_lo']:.3f}, {r['rel_err_hi']:.3f}]{'':>4} {r['density']:>8.4f}{note}")
     if "ablation" in res:
         from .ablation import markdown
 
