@@ -100,3 +100,13 @@ def test_estimate_flops_uses_the_budget_rule():
     g = BlockGrid(1, 1, 1, 1000, 1000, 16, 32, True)
     share = int(g.budget(0.8).sum()) / int(g.valid().sum())
     assert f["attention_sparse"] == pytest.approx(f["attention_dense"] * share)
+
+
+def test_import_is_light():
+    # The core imports torch only: no plotting, graph or transformers code (tqdm comes with torch.hub).
+    import subprocess
+    import sys
+
+    code = "import sys, cab_attention; print(sorted(m for m in ('matplotlib', 'networkx', 'transformers', 'triton', 'cab_eval') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -28,6 +28,8 @@ from cab_attention import score as S  # noqa: E402
 from cab_attention.coarsen import coarsen as coarsen_ref  # noqa: E402
 from cab_attention.geometry import BlockGrid  # noqa: E402
 from cab_attention.select import keep_first, kv_layout, rank_order  # noqa: E402
+from cab_attention import select as SEL  # noqa: E402
+from cab_attention.selection import block_mask  # noqa: E402
 
 
 def _load_kernels():
@@ -308,6 +310,29 @@ def test_triton_impl_option_of_select_blocks():
         K.predict(q, k, block_size=16, precision="fp8")
 
 
+# ------------------------------------------------------------------------ torch stages = Triton stages
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]])
+@pytest.mark.parametrize("selector,opts", [("cab", {}), ("cab", {"score": "forman", "keep": "lowest"}), ("magnitude", {})])
+def test_triton_stages_match_torch_stages(shape, selector, opts):
+    b, hq, hkv, nq, nk, d, bs, causal = shape
+    q, k = _qk(b, hq, hkv, nq, nk, d, seed=5)
+    grid = BlockGrid.of(q, k, bs, causal)
+    qc, kc = SEL.coarsen_stage(q, k, grid, "mean")
+    qc_t, kc_t = K.coarsen_stage(q, k, grid, "mean")
+    torch.testing.assert_close(qc_t, qc, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kc_t, kc, atol=1e-6, rtol=1e-6)
+    valid = grid.valid()
+    p = SEL.score_stage(qc, kc, grid, selector=selector, **opts).priority
+    p_t = K.score_stage(qc, kc, grid, selector=selector, **opts).priority
+    torch.testing.assert_close(p_t[..., valid], p[..., valid], atol=1e-4, rtol=1e-4)
+    budget = grid.budget(0.6)
+    m, n, i = SEL.select_stage(p, grid, budget)
+    m_t, n_t, i_t = K.select_stage(p, grid, budget.to(torch.int32))
+    assert torch.equal(m_t, m) and torch.equal(n_t, n) and torch.equal(i_t, i)
+
+
 # ---------------------------------------------------------------------------------------- mask build
 
 
@@ -318,7 +343,7 @@ def test_triton_block_mask_matches_to_block_mask(shape):
     for share in (False, True):
         sel = K.predict(q, k, sparsity=0.7, block_size=bs, causal=causal, share_kv=share)
         want = sel.to_block_mask()
-        got = K.block_mask(sel)
+        got = block_mask(sel, fast=True)  # the one builder, reaching K.block_mask
 
         def blocks(num, idx):
             mk = sel.grid.num_kv_blocks
