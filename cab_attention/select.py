@@ -35,7 +35,7 @@ import torch
 from . import score as S
 from .coarsen import coarsen
 from .geometry import BlockGrid, check_block_size, check_finite, check_qkv, check_sparsity
-from .options import SELECTORS, check_stride, defaults, resolve_options
+from .options import check_stride, defaults, resolve_options
 from .selection import BlockSelection, dense_selection, kv_layout
 
 __all__ = [
