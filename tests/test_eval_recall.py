@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cab_attention as cab
-from cab_attention.evaluate import ablation as AB
-from cab_attention.evaluate import recall as R
+from cab_eval.evaluate import ablation as AB
+from cab_eval.evaluate import recall as R
 
 
 def _qkv(n=200, hq=4, hkv=2, d=16, seed=0):
@@ -125,7 +125,7 @@ def test_ablation_analysis_follows_the_preregistered_rule():
     assert "Pre-registered ablation" in text and "tri-high" in text
 
 
-def test_ablation_keeps_the_seed_default_without_evidence():
+def test_ablation_keeps_the_original_formulation_without_evidence():
     effects = {m: 0.0 for m in (*AB.VARIANTS, *AB.BASELINES, AB.ORACLE)}
     effects["cab-high"] = 0.0005  # highest mean, but well inside the noise
     res = AB.analyse(_rows(effects, noise=0.02))
@@ -211,7 +211,7 @@ def test_masks_for_several_sparsities_equal_select_blocks_with_demotion():
     import torch
 
     from cab_attention import select_blocks
-    from cab_attention.evaluate.recall import Config, config_masks
+    from cab_eval.evaluate.recall import Config, config_masks
 
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 512, 16), torch.randn(1, 1, 512, 16)

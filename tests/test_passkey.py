@@ -1,4 +1,4 @@
-"""`cab eval passkey` and its prompt/spec helpers (cab_attention.evaluate.text)."""
+"""`cab eval passkey` and its prompt/spec helpers (cab_eval.evaluate.text)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cab_attention.evaluate import passkey, text
-from cab_attention.evaluate.report import wilson
+from cab_eval.evaluate import passkey, text
+from cab_eval.evaluate.report import wilson
 
 
 def test_parse_selector_spec():

@@ -1,1 +1,1 @@
-"""Stage 7, benchmark: GPU timings of the predictor and the attention (``cab bench ...``)."""
+"""GPU timings of the predictor and the attention (``cab bench predictor|attention|summary``)."""

@@ -1,1 +1,1 @@
-"""Stage 6, evaluate: does a selector keep what attention needs? (bridge, passkey, recall, ppl)."""
+"""Accuracy evaluations: does a selector keep what attention needs? (``cab eval bridge|passkey|recall|ppl``)."""

