@@ -34,6 +34,7 @@ from .evaluate.passkey import run_passkey, summary_table
 from .evaluate.recall import layer_metrics
 from .evaluate.report import environment, markdown_table, write_json, write_summary
 from .evaluate.text import format_selector_spec, parse_list, passkey_keys, passkey_prompt
+from .plotting import coincidences
 
 PASSKEY_SELECTORS = ("dense", "cab", "streaming", "oracle")
 PICTURE_SELECTORS = ("cab", "streaming", "oracle")
@@ -50,7 +51,8 @@ def layer_study(
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Each selector of :data:`STUDY_METHODS` on one layer's real q ``[1, Hq, N, D]``, k, v ``[1, Hkv, N, D]``.
 
-    Returns the rows (``selector`` label, ``density``, ``kept_mass``, ``rel_error``, ``needle_kept``)
+    Returns the rows (``selector`` label, ``density``, ``kept_mass``, ``rel_error``, ``needle_kept``,
+    ``same_values_as``: earlier selectors with the same figures, i.e. in practice the same mask)
     and, per label, the query-head block mask ``[Hq, M, M]`` and the per-head kept mass ``[Hq]``
     (``masks[label]``, ``head_mass[label]``).
     """
@@ -63,6 +65,10 @@ def layer_study(
     res = layer_metrics(q, k, v, masks, block_size, scale)
     rows, out_masks, head_mass = [], {}, {}
     dense2 = float(res["dense2"].sum())
+    # Selectors that keep the same blocks give the same figures; the table says so instead of leaving
+    # the reader to spot it.
+    same = coincidences({label: [float(res["recall"][i].mean()), float(res["err2"][i].sum()), float(masks[i].sum())]
+                         for i, label in enumerate(labels)}, tol=1e-12)
     for i, (label, sel) in enumerate(zip(labels, sels)):
         m = masks[i, :, question_block]  # [Hq, Mk]
         rows.append({
@@ -71,6 +77,7 @@ def layer_study(
             "kept_mass": float(res["recall"][i].mean()),
             "rel_error": (float(res["err2"][i].sum()) / max(dense2, 1e-300)) ** 0.5,
             "needle_kept": m[:, needle_blocks].any(-1).float().mean().item(),
+            "same_values_as": ", ".join(same.get(label, [])) or "-",
         })
         out_masks[label] = masks[i]
         head_mass[label] = res["recall"][i]
@@ -121,7 +128,7 @@ def plot_masks(study: dict[str, Any], rows: list[dict[str, Any]], *, head: int, 
         "same prompt and budget for all three.\nblack kept, orange kept but not by streaming, grey dropped; "
         "red: needle blocks, blue: question row", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows, study = layer_study(q, k, v, sparsity=args.layer_sparsity, block_size=bs, scale=scale,
                               needle_blocks=needle_blocks, question_block=question_block)
-    study_md = markdown_table(rows, ["selector", "density", "kept_mass", "rel_error", "needle_kept"])
+    study_md = markdown_table(rows, ["selector", "density", "kept_mass", "rel_error", "needle_kept", "same_values_as"])
     print(study_md, flush=True)
 
     # 3. The picture.
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n## Layer {layer}, real q/k/v of one prompt, sparsity {args.layer_sparsity:g}\n\n"
         "kept_mass = share of each query token's attention mass inside its kept blocks (mean over tokens and heads); "
         "rel_error = ||O_sparse - O_dense|| / ||O_dense||; needle_kept = share of query heads whose question "
-        "row keeps a needle block.\n\n"
+        "row keeps a needle block; same_values_as = selectors with the same figures (the same mask, in practice).\n\n"
         + study_md
         + "\n![cab, streaming and oracle masks of one head, each with its kept attention mass](demo_masks.png)\n"
     )

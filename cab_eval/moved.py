@@ -33,6 +33,9 @@ def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves ``<old package>.<sub>`` to the already-imported ``<new package>.<sub>``."""
 
+    def __init__(self) -> None:
+        self._real_specs: dict[str, object] = {}
+
     def find_spec(self, fullname, path=None, target=None):
         for old, new in MOVED.items():
             if fullname.startswith(old + "."):
@@ -45,12 +48,12 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 module = importlib.import_module(new + spec.name[len(old):])
                 # The import system stamps the alias's spec onto the module it gets back; keep the
                 # real one so that the module still knows where it lives.
-                self._real_spec = module.__spec__
+                self._real_specs[spec.name] = module.__spec__
                 return module
         raise ImportError(spec.name)
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._real_spec
+        module.__spec__ = self._real_specs.pop(module.__spec__.name)
 
 
 _FINDER = _MovedFinder()

@@ -24,7 +24,7 @@ def test_layer_study_on_synthetic_qkv(tmp_path):
     assert [r["selector"] for r in rows] == want
     dense = rows[0]
     assert dense["density"] == 1.0 and dense["rel_error"] < 1e-5 and dense["needle_kept"] == 1.0
-    assert dense["kept_mass"] == pytest.approx(1.0, abs=1e-6)
+    assert dense["kept_mass"] == pytest.approx(1.0, abs=1e-6) and dense["same_values_as"] == "-"
     by = {r["selector"]: r for r in rows}
     for r in rows[1:]:
         assert r["density"] < 1.0 and r["rel_error"] > 1e-3 and 0.0 <= r["needle_kept"] <= 1.0
@@ -41,6 +41,15 @@ def test_layer_study_on_synthetic_qkv(tmp_path):
     png = demo.plot_masks(study, rows, head=head, sparsity=0.75, needle_blocks=[3], question_block=7,
                           path=tmp_path / "m.png")
     assert png.stat().st_size > 10_000
+
+
+def test_layer_study_flags_selectors_with_the_same_mask(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 2, 256, 16, generator=g), torch.randn(1, 1, 256, 16, generator=g), torch.randn(1, 1, 256, 16, generator=g)
+    monkeypatch.setattr(demo, "STUDY_METHODS", (("dense", {}), ("streaming", {}), ("streaming", {"share_kv": True}),
+                                                ("oracle", {})))
+    rows, _ = demo.layer_study(q, k, v, sparsity=0.5, block_size=32, scale=None, needle_blocks=[1], question_block=7)
+    assert [r["same_values_as"] for r in rows] == ["-", "-", "streaming", "-"]
 
 
 def test_demo_rejects_bad_flags(capsys):
