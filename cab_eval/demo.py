@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; cuda runs bf16)")
     ap.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
-    ap.add_argument("--depths", default="0.2,0.5,0.8", help="needle depths (default 0.2,0.5,0.8)")
+    ap.add_argument("--depths", default="0.25,0.75", help="needle depths (default 0.25,0.75)")
     ap.add_argument("--sparsity", type=float, default=0.5, help="sparsity of the passkey run (default 0.5)")
     ap.add_argument("--layer-sparsity", type=float, default=0.9, help="sparsity of the one-layer study (default 0.9)")
     ap.add_argument("--layer", type=int, help="layer of the one-layer study (default: the middle layer)")

@@ -1,7 +1,7 @@
 """The benchmark command line on CPU: refusal without CUDA, the dry-run grid, the CSV, the summary.
 
 No timing is asserted anywhere: CPU host timers say nothing about speed. These tests check that the
-commands run, label CPU rows as such, write the issue's columns and case names, merge, skip on budget,
+commands run, label CPU rows as such, write the agreed columns and case names, merge, skip on budget,
 and that the summary marks targets from the data (not measured here).
 """
 
@@ -19,7 +19,7 @@ from cab_eval.cli import main as cab_main
 
 TINY = ["--dry-run", "--n", "128", "--batches", "2", "--batch-n", "128", "--sparsities", "0.5",
         "--batch-sparsities", "0.5", "--rep", "1", "--no-plots"]
-ISSUE_COLUMNS = "case,n,batch,heads,kv_heads,head_dim,sparsity,ms,peak_mb,device,torch,date".split(",")
+FIRST_COLUMNS = "case,n,batch,heads,kv_heads,head_dim,sparsity,ms,peak_mb,device,torch,date".split(",")
 
 
 def read(path):
@@ -46,7 +46,7 @@ def test_dry_run_writes_labelled_csv_and_merges(tmp_path):
     assert cab_main(["bench", "predictor", *args, "--block-sizes", "64,128"]) == 0
     rows = read(out)
     with open(out) as f:
-        assert f.readline().strip().split(",")[: len(ISSUE_COLUMNS)] == ISSUE_COLUMNS
+        assert f.readline().strip().split(",")[: len(FIRST_COLUMNS)] == FIRST_COLUMNS
     cases = {r["case"] for r in rows}
     for want in ("predictor:cab[torch]", "predictor:cab[torch]:coarsen", "predictor:cab[torch]:score",
                  "predictor:cab[torch]:select", "predictor:cab[torch]:mask", "predictor:cab[torch]@bs128",
