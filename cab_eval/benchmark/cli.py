@@ -24,14 +24,10 @@ from .timing import Budget, free_memory, setup_torch
 
 
 DEFAULT_N = "1k,2k,4k,8k,16k,32k,64k,128k,256k"
-
 TINY_N_CPU = "256,512"
-
-
 TINY_N_CUDA = "1k,4k"
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+DEFAULT_OUT_DIR = Path("runs/bench")
 
 NO_CUDA_MESSAGE = (
     "cab bench: CUDA is not available. These benchmarks time GPU kernels with triton's do_bench and "
@@ -39,7 +35,6 @@ NO_CUDA_MESSAGE = (
     "whole set), or use --dry-run (equivalently --device cpu --tiny) for a tiny CPU grid timed with host "
     "timers, labelled as CPU, that only exercises the command line and its output files."
 )
-DEFAULT_OUT_DIR = Path("runs/bench")
 
 
 def parse_sizes(text: str) -> list[int]:

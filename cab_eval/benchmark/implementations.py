@@ -28,8 +28,6 @@ IMPL_OPTIONS: dict[str, dict[str, Any] | None] = {
     "triton-bf16": {"precision": "bf16"},
     "triton-tf32": {"precision": "tf32"},
 }
-
-
 AUTO_IMPLS = ("torch", "triton", "triton-bf16")
 
 

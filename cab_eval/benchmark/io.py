@@ -40,8 +40,6 @@ COLUMNS = [
     "case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity", "ms", "peak_mb",
     "device", "torch", "date", "block_size", "density", "tflops", "status",
 ]
-
-
 KEY = ("case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity")
 
 
