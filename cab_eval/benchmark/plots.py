@@ -95,7 +95,8 @@ def make_plots(csv_path: Path, out_dir: Path, sparsity: float = 0.95) -> list[Pa
     ax.set_ylabel("median ms")
     ax.set_title("latency")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     for case, s, label in (
         ("attention:sdpa-cudnn", None, "SDPA cuDNN (causal pairs)"),
         ("attention:flex-dense", None, "Flex dense (128 blocks)"),
