@@ -9,6 +9,8 @@ Backends:
   mask's ``BLOCK_SIZE`` is the selection block size, and on CUDA the kernel tile is set to divide it
   (``BLOCK_M = min(block_size, 128)``, ``BLOCK_N = min(block_size, 64)``); FlexAttention's default tile
   (128 x 64) would refuse a 64-token mask.
+* ``triton``: the block-sparse Triton kernel of :mod:`cab_attention.kernels.attention` (GQA-native,
+  reads ``kv_num_blocks`` / ``kv_indices`` directly); CUDA, or CPU under ``TRITON_INTERPRET=1``.
 * ``auto``: ``flex`` on CUDA (``reference`` for float64, which FlexAttention does not take there),
   ``reference`` elsewhere.
 
@@ -27,7 +29,7 @@ from .geometry import BlockGrid, check_block_size, check_qkv
 from .selection import BlockSelection
 from .selectors import select_blocks
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 def dense_attention(
@@ -195,7 +197,7 @@ def sparse_attention(
             the selector options are not used.
         block_size: tokens per block (default 64; with ``selection``, the selection's).
         backend: ``"auto"`` (flex for CUDA tensors FlexAttention takes, i.e. not float64; else
-            reference), ``"reference"`` or ``"flex"``.
+            reference), ``"reference"``, ``"flex"`` or ``"triton"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
             attention scale (default ``D**-0.5``).
 
@@ -226,4 +228,10 @@ def sparse_attention(
         return dense_attention(q, k, v, causal=causal, scale=scale)
     if backend == "flex":
         return flex_attention_blocks(q, k, v, selection, scale=scale)
+    if backend == "triton":
+        try:
+            from .kernels.attention import triton_attention_blocks
+        except ImportError as e:
+            raise ValueError(f"backend='triton' needs triton (pip install -e '.[triton]'): {e}") from e
+        return triton_attention_blocks(q, k, v, selection, scale=scale)
     return reference_attention(q, k, v, selection, scale=scale)
