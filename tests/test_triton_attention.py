@@ -115,6 +115,8 @@ def test_triton_attention_half_precision_error_rule(dtype):
         A.TileConfig(block_m=32, block_n=16),
         A.TileConfig(block_m=16, block_n=32, heads=2),  # two query heads of one KV group in one tile
         A.TileConfig(block_m=32, block_n=32, heads=4),
+        A.TileConfig(block_m=32, block_n=64),  # two kept key blocks side by side per step
+        A.TileConfig(block_m=16, block_n=128, heads=2),  # four kept key blocks per step
     ],
 )
 def test_triton_attention_tile_configs(config):

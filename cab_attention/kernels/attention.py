@@ -37,15 +37,13 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_tile(
-    acc, l_i, m_i, q, k_base, v_base, j, c,
-    stride_kn, stride_vn, kv_len, row_pos, qk_scale,
-    offs_n, offs_d,
-    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, cols, col_ok,
+    stride_kn, stride_vn, kv_len, row_pos, qk_scale, offs_d,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    KV_PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One ``[TILE_M, BLOCK_N]`` key tile (sub-tile ``c`` of key block ``j``) into the running softmax."""
-    cols = j * BLOCK + c * BLOCK_N + offs_n  # [BLOCK_N] key positions
+    """One ``[TILE_M, BLOCK_N]`` key tile (key positions ``cols``) into the running softmax. With ``MASK``
+    the columns outside ``col_ok`` and (causal) after each row's position are excluded."""
     k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
     if KV_PARTIAL or BLOCK_D != HEAD_DIM:
@@ -60,12 +58,12 @@ def _attend_tile(
         v = v.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASK:
-        keep = cols[None, :] < kv_len
+        keep = col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= row_pos[:, None])
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with no visible key in this sub-tile (and none before) keeps m = -inf; subtract 0 there.
+        # A row with no visible key in this tile (and none before) keeps m = -inf; subtract 0 there.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -90,11 +88,12 @@ def _block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im, stride_ik,
     q_len, kv_len, q_pad_front, block_offset, num_q_blocks, head_tiles, group, sel_div,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEADS: tl.constexpr, CAUSAL: tl.constexpr, KV_PARTIAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, KPB: tl.constexpr, HEADS: tl.constexpr,
+    CAUSAL: tl.constexpr, KV_PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # A key step is BLOCK_N keys: sub-tile of one block (SUB_N = BLOCK // BLOCK_N > 1), one block, or
+    # KPB = BLOCK_N // BLOCK > 1 kept blocks gathered side by side (a wider MMA for small blocks).
     SUB_M: tl.constexpr = BLOCK // BLOCK_M  # query sub-tiles per query block
-    SUB_N: tl.constexpr = BLOCK // BLOCK_N  # key sub-tiles per key block
     TILE_M: tl.constexpr = HEADS * BLOCK_M
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -129,20 +128,43 @@ def _block_sparse_fwd_kernel(
 
     n = tl.load(NUM + b * stride_nb + hs * stride_nh + i * stride_nm)
     idx_row = IDX + b * stride_ib + hs * stride_ih + i * stride_im
-    # Every kept block but the last: no mask (fully visible to every row of the tile).
-    for t in range(0, (n - 1) * SUB_N):
-        j = tl.load(idx_row + (t // SUB_N) * stride_ik)
-        acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_base, v_base, j, t % SUB_N, stride_kn, stride_vn, kv_len, row_pos, qk_scale,
-            offs_n, offs_d, BLOCK, BLOCK_N, BLOCK_D, HEAD_DIM, False, CAUSAL, KV_PARTIAL, DOT_FP32, PRECISION,
-        )
-    if n > 0:
-        j = tl.load(idx_row + (n - 1) * stride_ik)
-        for c in tl.static_range(SUB_N):
+    if KPB == 1:
+        # Every kept block but the last: no mask (fully visible to every row of the tile).
+        for t in range(0, (n - 1) * SUB_N):
+            j = tl.load(idx_row + (t // SUB_N) * stride_ik)
+            cols = j * BLOCK + (t % SUB_N) * BLOCK_N + offs_n
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, q, k_base, v_base, j, c, stride_kn, stride_vn, kv_len, row_pos, qk_scale,
-                offs_n, offs_d, BLOCK, BLOCK_N, BLOCK_D, HEAD_DIM, True, CAUSAL, KV_PARTIAL, DOT_FP32,
-                PRECISION,
+                acc, l_i, m_i, q, k_base, v_base, cols, cols < kv_len, stride_kn, stride_vn, kv_len, row_pos,
+                qk_scale, offs_d, BLOCK_D, HEAD_DIM, False, CAUSAL, KV_PARTIAL, DOT_FP32, PRECISION,
+            )
+        if n > 0:
+            j = tl.load(idx_row + (n - 1) * stride_ik)
+            for c in tl.static_range(SUB_N):
+                cols = j * BLOCK + c * BLOCK_N + offs_n
+                acc, l_i, m_i = _attend_tile(
+                    acc, l_i, m_i, q, k_base, v_base, cols, cols < kv_len, stride_kn, stride_vn, kv_len, row_pos,
+                    qk_scale, offs_d, BLOCK_D, HEAD_DIM, True, CAUSAL, KV_PARTIAL, DOT_FP32, PRECISION,
+                )
+    else:
+        blk_in = offs_n // BLOCK  # which of the KPB blocks a column belongs to
+        pos_in = offs_n % BLOCK
+        steps = (n - 1) // KPB  # whole steps of blocks that need no mask
+        for t in range(0, steps):
+            j = tl.load(idx_row + (t * KPB + blk_in) * stride_ik)
+            cols = j * BLOCK + pos_in
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_base, v_base, cols, cols < kv_len, stride_kn, stride_vn, kv_len, row_pos,
+                qk_scale, offs_d, BLOCK_D, HEAD_DIM, False, CAUSAL, KV_PARTIAL, DOT_FP32, PRECISION,
+            )
+        if n > 0:
+            # The rest (1..KPB blocks, the last kept block among them) in one masked step.
+            blk = steps * KPB + blk_in
+            ok = blk < n
+            j = tl.load(idx_row + blk * stride_ik, mask=ok, other=0)
+            cols = j * BLOCK + pos_in
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, k_base, v_base, cols, ok & (cols < kv_len), stride_kn, stride_vn, kv_len,
+                row_pos, qk_scale, offs_d, BLOCK_D, HEAD_DIM, True, CAUSAL, KV_PARTIAL, DOT_FP32, PRECISION,
             )
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + q_idx[:, None] * stride_on + offs_d[None, :]
@@ -154,7 +176,8 @@ def _block_sparse_fwd_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Launch shape: ``block_m`` query rows (of one query block) per head, ``block_n`` keys per inner step,
+    """Launch shape: ``block_m`` query rows (of one query block) per head, ``block_n`` keys per inner step
+    (a divisor of the block size, or a multiple: ``block_n // block_size`` kept blocks side by side),
     ``heads`` query heads stacked in one tile (shared masks only), ``num_warps``, ``num_stages``."""
 
     block_m: int
@@ -190,9 +213,13 @@ def default_config(head_dim: int, block_size: int, group: int, shared_kv: bool, 
 
 
 def _check_config(cfg: TileConfig, block_size: int, group: int, shared_kv: bool) -> None:
-    for name, val in (("block_m", cfg.block_m), ("block_n", cfg.block_n)):
-        if val < 16 or val & (val - 1) or block_size % val:
-            raise ValueError(f"config.{name} must be a power of two >= 16 dividing block_size={block_size}, got {val}")
+    if cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1) or block_size % cfg.block_m:
+        raise ValueError(f"config.block_m must be a power of two >= 16 dividing block_size={block_size}, got {cfg.block_m}")
+    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(
+            f"config.block_n must be a power of two >= 16 (a divisor or a multiple of block_size={block_size}), "
+            f"got {cfg.block_n}"
+        )
     if cfg.heads < 1 or group % cfg.heads or (cfg.heads > 1 and not shared_kv):
         raise ValueError(
             f"config.heads must divide the group size ({group}) and be 1 unless the selection is shared_kv, "
@@ -211,6 +238,7 @@ def block_sparse_attention(
     shared_kv: bool = False,
     scale: float | None = None,
     config: TileConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention over a per-row kept-block list.
 
@@ -224,9 +252,11 @@ def block_sparse_attention(
         grid: the block grid of these inputs (``BlockGrid.of(q, k, block_size, causal)``).
         scale: softmax scale (default ``D**-0.5``).
         config: tile shape (default :func:`default_config`).
+        out: optional contiguous ``[B, Hq, Nq, D]`` tensor of q's dtype to write into (e.g. poisoned by a
+            correctness check, so that an unwritten element shows).
 
     Returns:
-        ``[B, Hq, Nq, D]`` in q's dtype.
+        ``[B, Hq, Nq, D]`` in q's dtype (``out`` when given).
     """
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
@@ -250,7 +280,10 @@ def block_sparse_attention(
     _check_config(cfg, bs, group, shared_kv)
     # The kernel assumes unit stride along D (vector loads); copy only where it is not.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
     interp = _interpreting()
     # Triton's CPU interpreter multiplies 16-bit dot operands wrongly (raw bits): multiply in float32 there.
     dot_fp32 = interp and q.dtype != torch.float32
@@ -271,7 +304,7 @@ def block_sparse_attention(
         nq, k.shape[2], grid.q_pad_front, grid.block_offset, grid.num_q_blocks, head_tiles, group,
         group if shared_kv else 1,
         HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK=bs, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, HEADS=cfg.heads, CAUSAL=grid.causal, KV_PARTIAL=k.shape[2] % bs != 0,
+        BLOCK_N=cfg.block_n, SUB_N=max(1, bs // cfg.block_n), KPB=max(1, cfg.block_n // bs), HEADS=cfg.heads, CAUSAL=grid.causal, KV_PARTIAL=k.shape[2] % bs != 0,
         DOT_FP32=dot_fp32, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
