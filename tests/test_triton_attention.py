@@ -167,6 +167,8 @@ def test_triton_attention_rejects_bad_input():
         A.triton_attention_blocks(q, k, v, sel, config=A.TileConfig(16, 24))
     with pytest.raises(ValueError, match="kv_num_blocks"):
         A.block_sparse_attention(q, k, v, sel.kv_num_blocks.long(), sel.kv_indices, sel.grid)
+    with pytest.raises(ValueError, match="positive finite scale"):
+        A.triton_attention_blocks(q, k, v, sel, scale=-1.0)
     qd, kd, vd = R.make_qkv(1, 1, 1, 32, 32, 264, seed=12)
     with pytest.raises(ValueError, match="head_dim <= 256"):
         cab.sparse_attention(qd, kd, vd, sparsity=0.5, block_size=16, backend="triton")

@@ -56,19 +56,20 @@ def _attend_tile(
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    # Running max in the scaled log2 domain; the scale (log2(e) folded in) meets the max in one FMA below.
     if MASK:
         keep = col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= row_pos[:, None])
         qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # A row with no visible key in this tile (and none before) keeps m = -inf; subtract 0 there.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_sub = m_new
-    p = tl.math.exp2(qk - m_sub[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -192,23 +193,28 @@ def _interpreting() -> bool:
 
 
 def default_config(head_dim: int, block_size: int, group: int, shared_kv: bool, dtype: torch.dtype) -> TileConfig:
-    """Tile shape per (D, block size) for sm_90 (H100/H200), before measurement-based tuning.
+    """Tile shape per (D, block size), tuned on an H200 (``scripts/gpu_attention.py --tune``, bf16, D=128,
+    128k tokens; docs/kernels.md records the sweep).
 
-    Tiles divide the block size. At 64-token blocks a shared mask lets two query heads of one KV group
-    fill a 128-row tile (each K/V tile then feeds twice the rows). D=256 and float32 take smaller tiles
-    (shared memory and registers).
+    Tiles divide the block size. 128-token blocks: 128 x 128 tiles, 8 warps, 3 stages. 64-token blocks,
+    one mask per query head: 64 x 64, 4 warps (wider key steps spilled registers and ran slower). A shared
+    mask (``shared_kv``) stacks up to four query heads of one KV group into a 256-row tile, so each K/V
+    tile feeds four times the rows; with two heads (128 rows) two kept blocks go side by side per key
+    step. D=256 and float32 take smaller tiles (shared memory and registers); those are not tuned.
     """
     big = head_dim > 128 or dtype == torch.float32
     block_m = min(block_size, 64 if big else 128)
-    block_n = min(block_size, 32 if head_dim > 128 else 64)
+    block_n = min(block_size, 32 if head_dim > 128 else (128 if block_m >= 128 else 64))
     heads = 1
     if shared_kv and not big and block_m < 128:
-        heads = max(1, min(group, 128 // block_m))
+        heads = max(1, min(group, 256 // block_m))
         while group % heads:
             heads -= 1
     rows = heads * block_m
+    if heads > 1 and rows == 128 and block_m == 64:
+        block_n = 128
     num_warps = 8 if rows >= 128 else 4
-    num_stages = 2 if big else 3
+    num_stages = 2 if (big or heads > 1) else 3
     return TileConfig(block_m, block_n, heads, num_warps, num_stages)
 
 
@@ -289,6 +295,9 @@ def block_sparse_attention(
     dot_fp32 = interp and q.dtype != torch.float32
     precision = "ieee" if (q.dtype == torch.float32 or interp) else "tf32"
     scale = d**-0.5 if scale is None else float(scale)
+    if not (0.0 < scale < float("inf")):
+        # The row max is taken before scaling (one FMA per score), which needs a positive scale.
+        raise ValueError(f"backend='triton' needs a positive finite scale, got {scale}")
     sub_m = bs // cfg.block_m
     head_tiles = hq // cfg.heads
     launch = (grid.num_q_blocks * sub_m, b * head_tiles)
