@@ -197,7 +197,8 @@ def default_config(head_dim: int, block_size: int, group: int, shared_kv: bool, 
     128k tokens; docs/kernels.md records the sweep).
 
     Tiles divide the block size. 128-token blocks: 128 x 128 tiles, 8 warps, 3 stages. 64-token blocks,
-    one mask per query head: 64 x 64, 4 warps (wider key steps spilled registers and ran slower). A shared
+    one mask per query head: 64 x 64, 4 warps, 4 stages (wider key steps spilled registers and ran
+    slower; 4 stages beat 3 by 1-2% in both sweeps). A shared
     mask (``shared_kv``) stacks up to four query heads of one KV group into a 256-row tile, so each K/V
     tile feeds four times the rows; with two heads (128 rows) two kept blocks go side by side per key
     step. D=256 and float32 take smaller tiles (shared memory and registers); those are not tuned.
@@ -214,7 +215,7 @@ def default_config(head_dim: int, block_size: int, group: int, shared_kv: bool, 
     if heads > 1 and rows == 128 and block_m == 64:
         block_n = 128
     num_warps = 8 if rows >= 128 else 4
-    num_stages = 2 if (big or heads > 1) else 3
+    num_stages = 2 if (big or heads > 1) else (4 if rows <= 64 else 3)
     return TileConfig(block_m, block_n, heads, num_warps, num_stages)
 
 
