@@ -10,6 +10,8 @@ Backends:
   (``BLOCK_M = min(block_size, 128)``, ``BLOCK_N = min(block_size, 64)``); FlexAttention's default tile
   (128 x 64) would refuse a 64-token mask. float64 is a ``ValueError`` (FlexAttention's compiled kernels
   do not take it), as is float16 on CPU.
+* ``triton``: the block-sparse Triton kernel of :mod:`cab_attention.kernels.attention` (GQA-native,
+  reads ``kv_num_blocks`` / ``kv_indices`` directly); CUDA, or CPU under ``TRITON_INTERPRET=1``.
 * ``auto``: ``flex`` on CUDA (``reference`` for float64), ``reference`` elsewhere.
 
 Inputs are checked before anything runs: shapes and dtypes, NaN/inf in q, k, v (``check_finite``), and a
@@ -31,7 +33,7 @@ from .geometry import check_finite as check_finite_fn
 from .select import select_blocks
 from .selection import BlockSelection
 
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "triton")
 
 
 class _Default:
@@ -214,7 +216,7 @@ def sparse_attention(
             reads the three tensors once and syncs with the host once; pass ``False`` to skip it where the
             inputs are known to be finite (its cost is measured by ``scripts/gpu_house.py``).
         backend: ``"auto"`` (flex for CUDA tensors FlexAttention takes, i.e. not float64; else
-            reference), ``"reference"`` or ``"flex"``.
+            reference), ``"reference"``, ``"flex"`` or ``"triton"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
             attention scale (default ``D**-0.5``).
 
@@ -260,4 +262,10 @@ def sparse_attention(
         return dense_attention(q, k, v, causal=causal, scale=scale)
     if backend == "flex":
         return flex_attention_blocks(q, k, v, selection, scale=scale)
+    if backend == "triton":
+        try:
+            from .kernels.attention import triton_attention_blocks
+        except ImportError as e:
+            raise ValueError(f"backend='triton' needs triton (pip install -e '.[triton]'): {e}") from e
+        return triton_attention_blocks(q, k, v, selection, scale=scale)
     return reference_attention(q, k, v, selection, scale=scale)

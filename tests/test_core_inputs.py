@@ -101,7 +101,7 @@ def test_unknown_selector(good):
     raises_all(both(*good, selector="h2o"), r"selector.*'h2o'")
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton", None, "Flex"])
+@pytest.mark.parametrize("backend", ["cuda", "cudnn", None, "Flex"])
 def test_unknown_backend(good, backend):
     q, k, v = good
     with pytest.raises(ValueError, match=r"backend"):
