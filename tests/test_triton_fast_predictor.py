@@ -75,11 +75,15 @@ def test_triton_antidiagonal_mass_matches_twin(shape):
     for dtype in (torch.float32, torch.bfloat16):
         q, k = _qk(b, hq, hkv, nq, nk, d, dtype, seed=nq)
         grid = BlockGrid.of(q, k, bs, causal)
-        got = K.antidiagonal_mass(q, k, grid, d**-0.5, stride)
         want = S.antidiagonal_mass(q, k, grid, d**-0.5, stride)
-        assert got.shape == want.shape and got.dtype == torch.float32
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-7)  # zeros past the causal range too
-        torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), rtol=1e-5, atol=1e-5)
+        # one pass (default), one pass with the heads in chunks of one, two passes
+        for kw in ({}, {"scratch_mib": 1e-6}, {"passes": 2}):
+            got = K.antidiagonal_mass(q, k, grid, d**-0.5, stride, **kw)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-7)  # zeros past the causal range too
+            torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), rtol=1e-5, atol=1e-5)
+            if dtype == torch.bfloat16:
+                break
 
 
 @pytest.mark.parametrize("shape", AD_SHAPES)
@@ -116,6 +120,8 @@ def test_triton_antidiagonal_dense_and_bad_inputs():
         cab.select_blocks(q, k, impl="triton", selector="antidiagonal", block_size=16, return_diagnostics=True)
     with pytest.raises(ValueError, match="precision"):
         K.predict_antidiagonal(q, k, block_size=16, precision="fp8")
+    with pytest.raises(ValueError, match="passes"):
+        K.predict_antidiagonal(q, k, block_size=16, passes=3)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         cab.select_blocks(q.double(), k.double(), impl="triton", selector="antidiagonal", block_size=16)
 
@@ -220,3 +226,7 @@ def test_triton_predict_graphed_input_checks():
     for bad in ({"two_stage": True}, {"head_chunk": 2}, {"threshold": 0.9}):
         with pytest.raises(ValueError, match="does not take"):
             K.predict_graphed(q, k, block_size=16, **bad)
+    with pytest.raises(ValueError, match="unknown option"):
+        K.predict_graphed(q, k, block_size=16, selector="cab", stride=8)
+    with pytest.raises(ValueError, match="selector"):
+        K.predict_graphed(q, k, block_size=16, selector="oracle")

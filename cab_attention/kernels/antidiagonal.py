@@ -77,27 +77,36 @@ def _strided_logits(
     return acc * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hc", "H0", "PADQ", "LOP", "NRB", "NCT"])  # one compile for every head chunk
 def _antidiagonal_kernel(
-    q_ptr, k_ptr, out_ptr,
-    Hq, G, Nq, Nk, PADQ, R_TOTAL, C_TOTAL, LOP, Mq, Mk, NRB, D, scale,
-    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d,
+    q_ptr, k_ptr, out_ptr, part_ptr, mrun_ptr,
+    Hc, H0, G, Nq, Nk, PADQ, R_TOTAL, C_TOTAL, LOP, Mq, Mk, NRB, NCT, D, scale,
+    sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, so_b, so_h,
     CAUSAL: tl.constexpr, S: tl.constexpr, PER: tl.constexpr, DOT: tl.constexpr, ZERO_UPPER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    ONE_PASS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0)  # (batch, query head of this chunk); q_ptr / out_ptr point at the chunk
     rb = NRB - 1 - tl.program_id(1)  # the longest causal rows first (load balance)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // G
+    b = bh // Hc
+    h = bh % Hc
+    hk = (H0 + h) // G
     q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
     k_base = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    out_base = out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     r = rb * BM + tl.arange(0, BM)
     rm = r < R_TOTAL
     c_end = C_TOTAL
     if CAUSAL:
         c_end = tl.minimum(rb * BM + BM + LOP, C_TOTAL)  # last row's last visible column + 1
-    # Pass 1: online softmax statistics per strided row.
+    BI: tl.constexpr = BM // PER
+    BJ: tl.constexpr = BN // PER
+    i = rb * BI + tl.arange(0, BI)
+    im = i < Mq
+    jj = tl.arange(0, BJ)
+    part_base = part_ptr + bh.to(tl.int64) * R_TOTAL * Mk
+    mrun_base = mrun_ptr + bh.to(tl.int64) * R_TOTAL * NCT
+    # Pass 1: online softmax statistics per strided row. ONE_PASS also stores, per strided row and key
+    # block, the partial sum of exp(x - running max) and, per column tile, that running max.
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     for c0 in range(0, c_end, BN):
@@ -109,30 +118,41 @@ def _antidiagonal_kernel(
             ok = ok & (c[None, :] <= r[:, None] + LOP)
         x = tl.where(ok, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        e = tl.exp(x - m_new[:, None])
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(e, axis=1)
         m_i = m_new
-    # Pass 2: probabilities summed over each P x P group, one block tile at a time.
-    BI: tl.constexpr = BM // PER
-    BJ: tl.constexpr = BN // PER
-    i = rb * BI + tl.arange(0, BI)
-    im = i < Mq
-    out_base = out_ptr + bh.to(tl.int64) * Mq * Mk
-    for c0 in range(0, c_end, BN):
-        c = c0 + tl.arange(0, BN)
-        x = _strided_logits(q_base, k_base, r, c, rm, Nq, Nk, PADQ, sq_n, sq_d, sk_n, sk_d, D, scale,
-                            S, BM, BN, BD, DOT)
-        ok = c[None, :] < C_TOTAL
-        if CAUSAL:
-            ok = ok & (c[None, :] <= r[:, None] + LOP)
-        p = tl.where(ok, tl.exp(x - m_i[:, None]) / l_i[:, None], 0.0)
-        blk = tl.sum(tl.sum(tl.reshape(p, (BI, PER, BJ, PER)), axis=3), axis=1)
-        j = c0 // PER + tl.arange(0, BJ)
-        tl.store(out_base + i[:, None] * Mk + j[None, :], blk / PER, mask=im[:, None] & (j < Mk)[None, :])
+        if ONE_PASS:
+            j = c0 // PER + jj
+            srow = tl.sum(tl.reshape(e, (BM, BJ, PER)), axis=2)  # [BM, BJ]
+            tl.store(part_base + r[:, None] * Mk + j[None, :], srow, mask=rm[:, None] & (j < Mk)[None, :])
+            tl.store(mrun_base + r * NCT + c0 // BN, m_new, mask=rm)
+    if ONE_PASS:
+        tl.debug_barrier()  # this program's partials, written by other threads of it, are read below
+        for c0 in range(0, c_end, BN):
+            j = c0 // PER + jj
+            srow = tl.load(part_base + r[:, None] * Mk + j[None, :], mask=rm[:, None] & (j < Mk)[None, :], other=0.0)
+            mr = tl.load(mrun_base + r * NCT + c0 // BN, mask=rm, other=0.0)
+            w = tl.where(rm, tl.exp(mr - m_i) / l_i, 0.0)
+            blk = tl.sum(tl.reshape(srow * w[:, None], (BI, PER, BJ)), axis=1)
+            tl.store(out_base + i[:, None] * Mk + j[None, :], blk / PER, mask=im[:, None] & (j < Mk)[None, :])
+    else:
+        # Pass 2: the logits again; probabilities summed over each P x P group.
+        for c0 in range(0, c_end, BN):
+            c = c0 + tl.arange(0, BN)
+            x = _strided_logits(q_base, k_base, r, c, rm, Nq, Nk, PADQ, sq_n, sq_d, sk_n, sk_d, D, scale,
+                                S, BM, BN, BD, DOT)
+            ok = c[None, :] < C_TOTAL
+            if CAUSAL:
+                ok = ok & (c[None, :] <= r[:, None] + LOP)
+            p = tl.where(ok, tl.exp(x - m_i[:, None]) / l_i[:, None], 0.0)
+            blk = tl.sum(tl.sum(tl.reshape(p, (BI, PER, BJ, PER)), axis=3), axis=1)
+            j = c0 // PER + jj
+            tl.store(out_base + i[:, None] * Mk + j[None, :], blk / PER, mask=im[:, None] & (j < Mk)[None, :])
     if ZERO_UPPER:
         # Past the causal range: exact zeros, as the twin's softmax gives there.
         start = ((c_end + BN - 1) // BN) * BN
         for c0 in range(start, C_TOTAL, BN):
-            j = c0 // PER + tl.arange(0, BJ)
+            j = c0 // PER + jj
             tl.store(out_base + i[:, None] * Mk + j[None, :], tl.zeros([BI, BJ], dtype=tl.float32),
                      mask=im[:, None] & (j < Mk)[None, :])
 
@@ -154,8 +174,10 @@ def _dot_mode(dtype: torch.dtype, precision: str, device: torch.device) -> int:
 def _tiles(device: torch.device, per: int, d: int, dot: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BD, num_warps, num_stages): multiples of ``per`` strided rows / columns."""
     if device.type == "cuda":
-        if dot in (_DOT_NATIVE, _DOT_BF16):
+        if dot == _DOT_NATIVE:
             bm, bn, bd, warps, stages = 128, 64, 64, 8, 3
+        elif dot == _DOT_BF16:  # float32 loads rounded to bf16: 128-row tiles spill (ptxas, sm_90)
+            bm, bn, bd, warps, stages = 64, 64, 64, 4, 3
         else:  # float32 operands: smaller tiles keep the registers from spilling
             bm, bn, bd, warps, stages = 64, 64, 32, 4, 2
     else:
@@ -174,6 +196,8 @@ def antidiagonal_mass(
     *,
     precision: str = "fp32",
     zero_upper: bool = True,
+    passes: int = 1,
+    scratch_mib: float = 512.0,
 ) -> torch.Tensor:
     """Fused antidiagonal block mass, equal to :func:`cab_attention.score.antidiagonal_mass` to float32
     rounding.
@@ -187,6 +211,12 @@ def antidiagonal_mass(
             half inputs always multiply exactly (native operands, float32 accumulation).
         zero_upper: write exact zeros on the blocks past the causal range (``False`` leaves them
             uninitialised: the selection never reads them).
+        passes: ``1`` (default): one pass over the logits; each program stores per strided row and key
+            block the partial ``sum exp(x - running max)`` (float32 scratch ``[heads, Nq/S, Mk]``, read
+            back by the same program to normalise), so the matmul runs once. ``2``: recompute the logits
+            in a second pass instead of storing partials (twice the FLOPs, no scratch).
+        scratch_mib: bound on the one-pass scratch; heads are processed in chunks that fit (at least
+            one head per launch).
 
     Returns:
         ``[B, Hq, Mq, Mk]`` float32, each row summing to 1 over its valid blocks.
@@ -194,22 +224,36 @@ def antidiagonal_mass(
     bs = grid.block_size
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or bs % stride:
         raise ValueError(f"stride must be a positive divisor of block_size={bs}, got {stride!r}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes!r}")
     b, hq, mq, mk, d = grid.batch, grid.q_heads, grid.num_q_blocks, grid.num_kv_blocks, grid.head_dim
     per = bs // stride
     dot = _dot_mode(q.dtype, precision, q.device)
     bm, bn, bd, warps, stages = _tiles(q.device, per, d, dot)
     r_total = mq * per
     nrb = triton.cdiv(r_total, bm)
+    nct = triton.cdiv(mk * per, bn)
     out = torch.empty(b, hq, mq, mk, device=q.device, dtype=torch.float32)
     extra = {"num_stages": stages} if q.device.type == "cuda" else {}
-    _antidiagonal_kernel[(b * hq, nrb)](
-        q, k, out,
-        hq, grid.group, grid.q_len, grid.kv_len, grid.q_pad_front, r_total, mk * per, grid.block_offset * per,
-        mq, mk, nrb, d, float(scale) / stride,
-        *q.stride(), *k.stride(),
-        CAUSAL=grid.causal, S=stride, PER=per, DOT=dot, ZERO_UPPER=bool(zero_upper and grid.causal),
-        BM=bm, BN=bn, BD=bd, num_warps=warps, **extra,
-    )
+    hc = hq
+    if passes == 1:
+        per_head = b * r_total * (mk + nct) * 4
+        hc = int(max(1, min(hq, (scratch_mib * 2**20) // per_head)))
+        part = torch.empty(b * hc * r_total * mk, device=q.device, dtype=torch.float32)
+        mrun = torch.empty(b * hc * r_total * nct, device=q.device, dtype=torch.float32)
+    else:
+        part = mrun = out  # unused
+    for h0 in range(0, hq, hc):
+        h1 = min(hq, h0 + hc)
+        qh, oh = q[:, h0:h1], out[:, h0:h1]
+        _antidiagonal_kernel[(b * (h1 - h0), nrb)](
+            qh, k, oh, part, mrun,
+            h1 - h0, h0, grid.group, grid.q_len, grid.kv_len, grid.q_pad_front, r_total, mk * per,
+            grid.block_offset * per, mq, mk, nrb, nct, d, float(scale) / stride,
+            *qh.stride(), *k.stride(), oh.stride(0), oh.stride(1),
+            CAUSAL=grid.causal, S=stride, PER=per, DOT=dot, ZERO_UPPER=bool(zero_upper and grid.causal),
+            ONE_PASS=passes == 1, BM=bm, BN=bn, BD=bd, num_warps=warps, **extra,
+        )
     return out
 
 
@@ -225,6 +269,7 @@ def predict_antidiagonal(
     threshold: float | None = None,
     share_kv: bool = False,
     precision: str = "fp32",
+    passes: int = 1,
 ):
     """``select_blocks(q, k, selector="antidiagonal", ...)`` with the fused mass kernel.
 
@@ -232,6 +277,7 @@ def predict_antidiagonal(
     (:func:`cab_attention.kernels.topk.select_rows`). Adaptive mode (``threshold``): the ranking and the
     cumulative-mass budget of :mod:`cab_attention.select` (torch sorts) on the kernel's mass.
     ``share_kv`` averages the mass over each KV head's query group first, as the torch path does.
+    ``precision``, ``passes``: as in :func:`antidiagonal_mass`.
 
     Returns:
         A :class:`cab_attention.selection.BlockSelection` equal to the torch path's (see the module
@@ -260,7 +306,7 @@ def predict_antidiagonal(
         num, idx = kv_layout(mask)
         return BlockSelection(mask, num, idx, grid, "antidiagonal", share_kv)
     scale = grid.head_dim**-0.5 if scale is None else float(scale)
-    mass = antidiagonal_mass(q, k, grid, scale, stride, precision=precision)
+    mass = antidiagonal_mass(q, k, grid, scale, stride, precision=precision, passes=passes)
     if share_kv:
         mass = mass.reshape(grid.batch, grid.kv_heads, grid.group, *mass.shape[2:]).mean(2)
     if threshold is None:

@@ -85,13 +85,14 @@ def _new_variants():
                    idx_ptr="*i32")
         ce = dict(CAUSAL=causal, HAS_CAND=cand, WRITE_MASK=wmask, BUDGET_PER_ROW=per_row, BN=bn)
         yield "radix_select", _radix_select_kernel, sig, ce, default_warps(bn)
-    for (dt, dot), causal, (stride, per) in itertools.product(
-        (("bf16", 2), ("fp16", 2), ("fp32", 0), ("fp32", 1), ("fp32", 3)), (True, False), ((8, 8), (8, 16), (16, 4), (1, 64))
+    for (dt, dot), causal, (stride, per), one_pass in itertools.product(
+        (("bf16", 2), ("fp16", 2), ("fp32", 0), ("fp32", 1), ("fp32", 3)), (True, False), ((8, 8), (8, 16), (16, 4), (1, 64)),
+        (True, False),
     ):
         sig = {n: "i32" for n in _antidiagonal_kernel.arg_names}
-        sig.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", out_ptr="*fp32", scale="fp32")
+        sig.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", out_ptr="*fp32", part_ptr="*fp32", mrun_ptr="*fp32", scale="fp32")
         bm, bn, bd, warps, _ = _tiles(_Cuda(), per, 128, dot)
-        ce = dict(CAUSAL=causal, S=stride, PER=per, DOT=dot, ZERO_UPPER=causal, BM=bm, BN=bn, BD=bd)
+        ce = dict(CAUSAL=causal, S=stride, PER=per, DOT=dot, ZERO_UPPER=causal, ONE_PASS=one_pass, BM=bm, BN=bn, BD=bd)
         yield "antidiagonal", _antidiagonal_kernel, sig, ce, warps
 
 

@@ -34,6 +34,12 @@ from ..geometry import BlockGrid, check_block_size, check_qkv, check_sparsity
 from ..selection import BlockSelection
 
 _UNSUPPORTED = ("two_stage", "head_chunk", "threshold", "return_diagnostics")
+_COMMON = {"selector", "block_size", "sparsity", "causal", "scale", "share_kv", "precision"}
+_ACCEPTED = {
+    "cab": _COMMON | {"score", "keep", "lam", "norm", "hybrid", "coarsen", "redundancy"},
+    "magnitude": _COMMON | {"coarsen"},
+    "antidiagonal": _COMMON | {"stride", "passes"},
+}
 
 
 def graph_key(q: torch.Tensor, k: torch.Tensor, options: dict[str, Any]) -> tuple:
@@ -110,6 +116,7 @@ class _CapturedPredictor:
         self.budget = g.budget(sparsity, dev).to(torch.int32)
         if self.selector == "antidiagonal":
             self.stride = int(opts.get("stride", 8))
+            self.passes = opts.get("passes", 1)
             if self.stride < 1 or self.block_size % self.stride:
                 raise ValueError(f"stride must be a positive divisor of block_size={self.block_size}, got {self.stride!r}")
             self.q_in = torch.empty(q.shape, device=dev, dtype=q.dtype)
@@ -157,7 +164,8 @@ class _CapturedPredictor:
         if self.selector == "antidiagonal":
             from .antidiagonal import antidiagonal_mass
 
-            mass = antidiagonal_mass(self.q_in, self.k_in, g, self.scale, self.stride, precision=self.precision)
+            mass = antidiagonal_mass(self.q_in, self.k_in, g, self.scale, self.stride, precision=self.precision,
+                                     passes=self.passes)
             if self.share_kv:
                 mass = mass.reshape(g.batch, g.kv_heads, g.group, *mass.shape[2:]).mean(2)
             return select_rows(mass, self.budget, g.block_offset, g.causal)
@@ -192,7 +200,8 @@ def predict_graphed(
             call with the same key).
         **options: ``selector`` (``"cab"``, ``"magnitude"``, ``"antidiagonal"``), ``block_size``,
             ``sparsity``, ``causal`` and the options of :func:`cab_attention.kernels.predict` (or
-            ``stride``, ``scale``, ``share_kv``, ``precision`` for ``antidiagonal``).
+            ``stride``, ``scale``, ``share_kv``, ``precision``, ``passes`` for ``antidiagonal``); an
+            unknown option raises ``ValueError``.
 
     Returns:
         The :class:`BlockSelection` that :func:`cab_attention.kernels.predict` (or
@@ -203,14 +212,18 @@ def predict_graphed(
     bad = sorted(set(options) & set(_UNSUPPORTED))
     if bad:
         raise ValueError(f"predict_graphed does not take {bad} (host-side values or not capturable); use predict")
+    selector = options.get("selector", "cab")
+    if selector not in ("cab", "magnitude", "antidiagonal", "dense"):
+        raise ValueError(f"selector must be 'cab', 'magnitude', 'antidiagonal' or 'dense', got {selector!r}")
+    unknown = sorted(set(options) - _ACCEPTED.get(selector, _COMMON))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for predict_graphed with selector {selector!r}; "
+                         f"it accepts {sorted(_ACCEPTED.get(selector, _COMMON))}")
     if q.device.type != "cuda":
         raise ValueError(f"predict_graphed needs CUDA tensors (CUDA graphs), got device {q.device}")
     from .predictor import check_runnable
 
     check_runnable(q)
-    selector = options.get("selector", "cab")
-    if selector not in ("cab", "magnitude", "antidiagonal", "dense"):
-        raise ValueError(f"selector must be 'cab', 'magnitude', 'antidiagonal' or 'dense', got {selector!r}")
     if selector == "dense" or q.shape[2] < int(options.get("block_size", 64)):
         from .antidiagonal import predict_antidiagonal
         from .predictor import predict
