@@ -19,7 +19,8 @@ Timings (``triton.testing.do_bench`` medians in ms, bf16 inputs, sparsity 0.95, 
 D = 128; inputs rotated where they fit in L2): each predictor from ``q, k`` to the ``BlockSelection``
 (no FlexAttention BlockMask) at N = 1k/4k/8k/32k/128k and 64-/128-token blocks: ``cab`` (default
 options, float32 scores: what ``impl="triton"`` runs), ``cab-bf16`` (``precision="bf16"``),
-``magnitude``, ``antidiagonal`` (one pass, partials in a scratch; ``-2pass``: logits recomputed),
+``magnitude``, ``antidiagonal`` (one pass, partials in a 512 MiB scratch; ``-scratch4g``: 4 GiB, more
+heads per launch; ``-2pass``: logits recomputed),
 the graphed variants (N <= 8k), and the selection stage alone with the
 new and the old kernel; peak memory beyond the inputs (``torch.cuda.max_memory_allocated`` delta).
 Writes ``predictor_checks.csv``, ``predictor_times.csv`` and ``gpu_predictor.log`` under ``--out``;
@@ -226,6 +227,8 @@ def variants(bs: int, n: int):
         ("antidiagonal", lambda q, k: cab.select_blocks(q, k, selector="antidiagonal", impl="triton", **kw)),
         ("antidiagonal-2pass", lambda q, k: K.predict_antidiagonal(q, k, passes=2, **kw)),
     ]
+    if n >= 32768:  # the one-pass scratch bound decides how many heads share a launch
+        out.append(("antidiagonal-scratch4g", lambda q, k: K.predict_antidiagonal(q, k, scratch_mib=4096, **kw)))
     if n <= 8192 and DEV == "cuda":
         cache = K.GraphCache()
         out += [

@@ -216,7 +216,8 @@ def antidiagonal_mass(
             back by the same program to normalise), so the matmul runs once. ``2``: recompute the logits
             in a second pass instead of storing partials (twice the FLOPs, no scratch).
         scratch_mib: bound on the one-pass scratch; heads are processed in chunks that fit (at least
-            one head per launch).
+            one head per launch). Fewer heads per launch means fewer programs to balance the causal
+            rows' unequal work (128k, 64-token blocks: ~151 MB per head, 3 heads per launch at 512).
 
     Returns:
         ``[B, Hq, Mq, Mk]`` float32, each row summing to 1 over its valid blocks.
@@ -270,6 +271,7 @@ def predict_antidiagonal(
     share_kv: bool = False,
     precision: str = "fp32",
     passes: int = 1,
+    scratch_mib: float = 512.0,
 ):
     """``select_blocks(q, k, selector="antidiagonal", ...)`` with the fused mass kernel.
 
@@ -277,7 +279,7 @@ def predict_antidiagonal(
     (:func:`cab_attention.kernels.topk.select_rows`). Adaptive mode (``threshold``): the ranking and the
     cumulative-mass budget of :mod:`cab_attention.select` (torch sorts) on the kernel's mass.
     ``share_kv`` averages the mass over each KV head's query group first, as the torch path does.
-    ``precision``, ``passes``: as in :func:`antidiagonal_mass`.
+    ``precision``, ``passes``, ``scratch_mib``: as in :func:`antidiagonal_mass`.
 
     Returns:
         A :class:`cab_attention.selection.BlockSelection` equal to the torch path's (see the module
@@ -306,7 +308,7 @@ def predict_antidiagonal(
         num, idx = kv_layout(mask)
         return BlockSelection(mask, num, idx, grid, "antidiagonal", share_kv)
     scale = grid.head_dim**-0.5 if scale is None else float(scale)
-    mass = antidiagonal_mass(q, k, grid, scale, stride, precision=precision, passes=passes)
+    mass = antidiagonal_mass(q, k, grid, scale, stride, precision=precision, passes=passes, scratch_mib=scratch_mib)
     if share_kv:
         mass = mass.reshape(grid.batch, grid.kv_heads, grid.group, *mass.shape[2:]).mean(2)
     if threshold is None:
