@@ -34,6 +34,9 @@ if HAS_TRITON:
         select_stage,
         unavailable_reason,
     )
+    from .antidiagonal import antidiagonal_mass, predict_antidiagonal
+    from .graphs import GraphCache, graph_key, predict_graphed
+    from .radix_select import radix_select_rows
     from .scores import PRECISIONS, affinity, redundancy_scores, two_stage_scores
     from .topk import select_rows
 else:  # pragma: no cover

@@ -22,6 +22,8 @@ QUICK = {  # (constexprs, signature) -> in the --quick subset: every branch of e
     and (not ce["R_IN"] or (ce["SCORE"] == 0 and ce["PREC"] == 2)),
     "two_stage": lambda ce, sig: ce["CAUSAL"] and sig["a_ptr"] == "*bf16",
     "select": lambda ce, sig: ce["BN"] == 2048 and ce["WRITE_MASK"] and ce["CAUSAL"],
+    "radix_select": lambda ce, sig: ce["BN"] == 2048 and ce["WRITE_MASK"] and ce["CAUSAL"],
+    "antidiagonal": lambda ce, sig: ce["CAUSAL"] and ce["PER"] == 8,
 }
 
 
@@ -67,6 +69,35 @@ def _variants():
         sig.update(prio_ptr="*fp32", cand_ptr="*u8", budget_ptr="*i32", mask_ptr="*u8", num_ptr="*i32", idx_ptr="*i32")
         ce = dict(CAUSAL=causal, HAS_CAND=cand, WRITE_MASK=wmask, BN=bn, LOGN=bn.bit_length() - 1)
         yield "select", _select_kernel, sig, ce, 4 if bn <= 1024 else (8 if bn <= 4096 else 16)
+    yield from _new_variants()
+
+
+def _new_variants():
+    """The radix selection and the fused antidiagonal estimator (kernels/radix_select.py, antidiagonal.py)."""
+    from .antidiagonal import _antidiagonal_kernel, _tiles
+    from .radix_select import _radix_select_kernel, default_warps
+
+    for causal, cand, wmask, per_row, bn in itertools.product(
+        (True, False), (True, False), (True, False), (False, True), (16, 2048, 4096)
+    ):
+        sig = {n: "i32" for n in _radix_select_kernel.arg_names}
+        sig.update(prio_ptr="*fp32", cand_ptr="*u8", budget_ptr="*i32", mask_ptr="*u8", num_ptr="*i32",
+                   idx_ptr="*i32")
+        ce = dict(CAUSAL=causal, HAS_CAND=cand, WRITE_MASK=wmask, BUDGET_PER_ROW=per_row, BN=bn)
+        yield "radix_select", _radix_select_kernel, sig, ce, default_warps(bn)
+    for (dt, dot), causal, (stride, per), one_pass in itertools.product(
+        (("bf16", 2), ("fp16", 2), ("fp32", 0), ("fp32", 1), ("fp32", 3)), (True, False), ((8, 8), (8, 16), (16, 4), (1, 64)),
+        (True, False),
+    ):
+        sig = {n: "i32" for n in _antidiagonal_kernel.arg_names}
+        sig.update(q_ptr=f"*{dt}", k_ptr=f"*{dt}", out_ptr="*fp32", part_ptr="*fp32", mrun_ptr="*fp32", scale="fp32")
+        bm, bn, bd, warps, _ = _tiles(_Cuda(), per, 128, dot)
+        ce = dict(CAUSAL=causal, S=stride, PER=per, DOT=dot, ZERO_UPPER=causal, ONE_PASS=one_pass, BM=bm, BN=bn, BD=bd)
+        yield "antidiagonal", _antidiagonal_kernel, sig, ce, warps
+
+
+class _Cuda:
+    type = "cuda"
 
 
 def compile_all(arch: int = 90, verbose: bool = False, quick: bool = False) -> list[tuple[str, str]]:

@@ -73,7 +73,8 @@ def _coarsen_qk_kernel(
 
 
 def coarsen_qk(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, method: str = "max_l2", q_pad_front: int = 0
+    q: torch.Tensor, k: torch.Tensor, block_size: int, method: str = "max_l2", q_pad_front: int = 0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coarsen queries and keys in one kernel launch.
 
@@ -82,6 +83,8 @@ def coarsen_qk(
         block_size: tokens per block (a power of two).
         method: ``"max_l2"``, ``"mean"`` or ``"max"``.
         q_pad_front: virtual rows before the first query (``BlockGrid.q_pad_front``).
+        out: optional ``(qc, kc)`` contiguous buffers of the output shapes and dtype to write into
+            (fixed addresses, e.g. the inputs of a captured CUDA graph).
 
     Returns:
         ``qc`` ``[B, Hq, Mq, D]`` and ``kc`` ``[B, Hkv, Mk, D]``, contiguous, in the inputs' dtype, equal to
@@ -93,8 +96,13 @@ def coarsen_qk(
     hk, nk = k.shape[1], k.shape[2]
     mq = -(-(q_pad_front + nq) // block_size)
     mk = -(-nk // block_size)
-    qc = torch.empty(b, hq, mq, d, device=q.device, dtype=q.dtype)
-    kc = torch.empty(b, hk, mk, d, device=k.device, dtype=k.dtype)
+    if out is None:
+        qc = torch.empty(b, hq, mq, d, device=q.device, dtype=q.dtype)
+        kc = torch.empty(b, hk, mk, d, device=k.device, dtype=k.dtype)
+    else:
+        qc, kc = out
+        if qc.shape != (b, hq, mq, d) or kc.shape != (b, hk, mk, d) or not (qc.is_contiguous() and kc.is_contiguous()):
+            raise ValueError(f"out must be contiguous [B, Hq, Mq, D]={(b, hq, mq, d)} and [B, Hkv, Mk, D]={(b, hk, mk, d)}")
     nqp = b * hq * mq
     grid = (nqp + b * hk * mk,)
     bd = triton.next_power_of_2(d)

@@ -265,7 +265,8 @@ def check_options(
     """Raise ``ValueError`` for options the Triton predictor does not take."""
     if selector not in SUPPORTED_SELECTORS:
         raise ValueError(
-            f"impl='triton' supports selectors {SUPPORTED_SELECTORS}, got {selector!r}; use impl='torch'"
+            f"impl='triton' supports selectors {SUPPORTED_SELECTORS} here and 'antidiagonal' through "
+            f"kernels.predict_antidiagonal, got {selector!r}; use impl='torch'"
         )
     if score not in ("forman", "triangle"):
         raise ValueError(f"score must be 'forman' or 'triangle', got {score!r}")
@@ -395,6 +396,16 @@ def select_blocks_triton(
     opts: dict[str, Any],
 ) -> BlockSelection:
     """``select_blocks(..., impl="triton")`` after :func:`cab_attention.options.resolve_options`."""
+    if selector == "antidiagonal":  # its own fused kernel (kernels/antidiagonal.py), adaptive mode too
+        from .antidiagonal import predict_antidiagonal
+
+        if opts.get("return_diagnostics"):
+            raise ValueError("impl='triton' does not return diagnostics; use impl='torch'")
+        check_runnable(q)
+        return predict_antidiagonal(
+            q, k, block_size=block_size, sparsity=sparsity, causal=causal, stride=int(opts.get("stride", 8)),
+            scale=opts.get("scale"), threshold=opts.get("threshold"), share_kv=bool(opts.get("share_kv")),
+        )
     if opts.get("threshold") is not None:
         raise ValueError("impl='triton' supports fixed sparsity only (threshold=None); use impl='torch'")
     if opts.get("return_diagnostics"):

@@ -88,6 +88,7 @@ def select_rows(
     candidates: torch.Tensor | None = None,
     write_mask: bool = True,
     index_width: int | None = None,
+    method: str = "radix",
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Keep exactly ``budget[i]`` blocks per row (forced first, then by priority, ties to larger index).
 
@@ -98,10 +99,19 @@ def select_rows(
         candidates: optional ``[B, H, Mq, Mk]`` bool/uint8; non-forced blocks outside it are never kept.
         write_mask: also write the bool mask.
         index_width: columns of ``kv_indices`` to write (default ``Mk``, the full layout).
+        method: ``"radix"`` (default: :mod:`cab_attention.kernels.radix_select`, 32-bit keys) or
+            ``"bits64"`` (this module's 64-bit key search); the same outputs bit for bit.
 
     Returns:
         ``(mask or None, kv_num_blocks [B, H, Mq] int32, kv_indices [B, H, Mq, W] int32)``.
     """
+    if method == "radix":
+        from .radix_select import radix_select_rows
+
+        return radix_select_rows(priority, budget, lo, causal, candidates=candidates, write_mask=write_mask,
+                                 index_width=index_width)
+    if method != "bits64":
+        raise ValueError(f"method must be 'radix' or 'bits64', got {method!r}")
     priority = priority.contiguous()
     b, h, mq, mk = priority.shape
     dev = priority.device
