@@ -437,25 +437,26 @@ def packed_flex_attention(
     tq, tk = selection.packed_lengths
     q_rows, k_rows = selection.packed_rows(q.device)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    qp = q.new_zeros(tq, hq, d)
-    kp = k.new_zeros(tk, hkv, d)
-    vp = v.new_zeros(tk, hkv, d)
-    qp[q_rows] = q
-    kp[k_rows] = k
-    vp[k_rows] = v
+    # Contiguous [1, H, T, D] buffers (FlexAttention's usual layout); padding rows are zeros.
+    qp = q.new_zeros(1, hq, tq, d)
+    kp = k.new_zeros(1, hkv, tk, d)
+    vp = v.new_zeros(1, hkv, tk, d)
+    qp[0][:, q_rows] = q.transpose(0, 1)
+    kp[0][:, k_rows] = k.transpose(0, 1)
+    vp[0][:, k_rows] = v.transpose(0, 1)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if block_mask is None:
         block_mask = selection.to_block_mask(for_backward=needs_grad)
     out = compiled_flex_attention()(
-        qp.transpose(0, 1).unsqueeze(0),
-        kp.transpose(0, 1).unsqueeze(0),
-        vp.transpose(0, 1).unsqueeze(0),
+        qp,
+        kp,
+        vp,
         block_mask=block_mask,
         scale=scale,
         enable_gqa=hq != hkv,
         kernel_options=flex_kernel_options(selection.block_size, q.device.type),
     )
-    return out[0].transpose(0, 1)[q_rows]
+    return out[0][:, q_rows].transpose(0, 1).contiguous()
 
 
 def sparse_attention_varlen(

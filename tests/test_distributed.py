@@ -129,3 +129,20 @@ def test_needs_a_process_group():
         pytest.skip("a process group is already initialised")
     with pytest.raises(ValueError, match="initialised torch.distributed process group"):
         cp.context_parallel_attention(q, k, v)
+
+
+def test_benchmark_dry_run(tmp_path):
+    """``cab bench distributed --dry-run`` as one process (it starts and ends a one-rank gloo group)."""
+    import csv
+
+    from cab_eval.benchmark import distributed as bench
+
+    path = tmp_path / "dist.csv"
+    argv = ["--dry-run", "--csv", str(path), "--lengths", "128", "--sparsities", "0.9", "--warmup", "0", "--reps", "1"]
+    assert bench.main(argv) == 0
+    assert not dist.is_initialized()
+    rows = list(csv.DictReader(open(path)))
+    assert [r["case"] for r in rows] == ["a2a:qkv", "a2a:out", "attention:sdpa-dense", "total:sdpa-dense",
+                                         "predictor:cab", "attention:cab", "total:cab"]
+    assert all(r["status"] == "ok" and r["world_size"] == "1" and r["dist_backend"] == "gloo" for r in rows)
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0" and os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"

@@ -237,3 +237,19 @@ def test_bad_options():
     with pytest.raises(ValueError, match="CPU does not support float16"):
         sparse_attention_varlen(q.half(), k.half(), v.half(), *ARGS, block_size=BS, backend="flex")
     assert check_varlen(q, k, v, *ARGS) == (LENS_Q, LENS_K)
+
+
+def test_benchmark_dry_run(tmp_path):
+    """``cab bench varlen --dry-run``: the command and its CSV (tiny CPU batch, host timers)."""
+    import csv
+
+    from cab_eval.benchmark import varlen as bench
+
+    path = tmp_path / "varlen.csv"
+    assert bench.main(["--dry-run", "--csv", str(path), "--selectors", "magnitude", "--sparsities", "0.9"]) == 0
+    rows = list(csv.DictReader(open(path)))
+    cases = [r["case"] for r in rows]
+    assert cases == ["dense:sdpa-loop", "dense:sdpa-padded", "magnitude:varlen-predictor", "magnitude:varlen-total",
+                     "magnitude:padded-total"]
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 and r["device"] == "cpu host timer" for r in rows)
+    assert bench.main(["--device", "cpu"]) == 2  # CPU figures only as a dry run
