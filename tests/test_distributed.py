@@ -1,9 +1,10 @@
 """Context parallel attention (cab_attention.distributed) on CPU: gloo with 2 and 4 processes.
 
-Processes are spawned once per world size; each worker loops over every selector (and the option
-variants that change how heads interact: ``share_kv``, adaptive ``threshold``), compares its output shard
-with the matching rows of the one-process ``sparse_attention`` on the full inputs, runs the error cases,
-and writes what it saw to a JSON file that the test then checks. Comparisons are float32; the
+Four processes are spawned once: P = 4 runs over the world group and P = 2 over the pairs {0, 1} and
+{2, 3} (non-default groups). Each worker loops over every selector (and the option variants that change
+how heads interact: ``share_kv``, adaptive ``threshold``), compares its output shard with the matching
+rows of the one-process ``sparse_attention`` on the full inputs, runs the error cases, and writes what
+it saw to a JSON file that the test then checks. Comparisons are float32; the
 selections are compared exactly (a selection that differed would show as a large output difference).
 """
 
@@ -62,43 +63,59 @@ def _error(fn) -> str:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One of 4 processes: P = 4 over the world group, P = 2 over the pair {0, 1} or {2, 3} (a
+    non-default group), sharing the one-process reference of each case."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    report: dict = {"compare": {}, "errors": {}}
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group, in order
+    groups = {4: None, 2: pairs[rank // 2]}
+    report: dict = {p: {"compare": {}, "errors": {}} for p in groups}
     try:
         for nq in (N, NQ_CHUNK):
             q, k, v = _inputs(nq, N)
-            qs, ks, vs = (cp.shard_sequence(x) for x in (q, k, v))
-            # The all-to-alls alone are exact inverses, and gather_sequence undoes shard_sequence.
-            report["compare"][f"roundtrip-nq{nq}"] = [
-                torch.equal(cp.head_to_seq(cp.seq_to_head(qs)), qs),
-                torch.equal(cp.gather_sequence(ks), k),
-            ]
+            shards = {p: tuple(cp.shard_sequence(x, g) for x in (q, k, v)) for p, g in groups.items()}
+            for p, g in groups.items():
+                qs, ks, _ = shards[p]
+                # The all-to-alls alone are exact inverses, and gather_sequence undoes shard_sequence.
+                report[p]["compare"][f"roundtrip-nq{nq}"] = [
+                    torch.equal(cp.head_to_seq(cp.seq_to_head(qs, g), g), qs),
+                    torch.equal(cp.gather_sequence(ks, g), k),
+                ]
             for selector, sparsity, options in CASES:
                 kw = dict(selector=selector, sparsity=sparsity, block_size=BS, backend="reference", **options)
-                want = cp.shard_sequence(cab.sparse_attention(q, k, v, **kw))
-                got = cp.context_parallel_attention(qs, ks, vs, **kw)
-                err = (got - want).abs().max().item()
-                report["compare"][f"{_name(selector, sparsity, options)}-nq{nq}"] = [torch.equal(got, want), err]
-        # Errors: every rank raises the same ValueError, so no rank waits in a collective.
-        q, k, v = _inputs(N, N, hq=world * 3, hkv=world - 1 if world > 2 else 1)
-        report["errors"]["heads"] = _error(lambda: cp.context_parallel_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64]))
-        report["errors"]["length"] = _error(lambda: cp.shard_sequence(torch.zeros(1, 1, N + 1, 4)))
-        n_local = 64 + (rank == 0) * BS  # rank 0 holds a longer shard than the others
-        q, k, v = _inputs(n_local, n_local)
-        report["errors"]["unequal"] = _error(lambda: cp.context_parallel_attention(q, k, v))
+                one_process = cab.sparse_attention(q, k, v, **kw)
+                for p, g in groups.items():
+                    want = cp.shard_sequence(one_process, g)
+                    got = cp.context_parallel_attention(*shards[p], group=g, **kw)
+                    err = (got - want).abs().max().item()
+                    report[p]["compare"][f"{_name(selector, sparsity, options)}-nq{nq}"] = [torch.equal(got, want), err]
+        # Errors: every rank of a group raises the same ValueError, so no rank waits in a collective.
+        q, k, v = _inputs(N, N, hq=6, hkv=3)  # 3 KV heads: divisible by neither 2 nor 4
+        for p, g in groups.items():
+            e = report[p]["errors"]
+            e["heads"] = _error(lambda: cp.context_parallel_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], group=g))
+            e["length"] = _error(lambda: cp.shard_sequence(torch.zeros(1, 1, N + 1, 4), g))
+            n_local = 64 + (dist.get_rank(g) == 0) * BS  # the group's first rank holds a longer shard
+            qu, ku, vu = _inputs(n_local, n_local)
+            e["unequal"] = _error(lambda: cp.context_parallel_attention(qu, ku, vu, group=g))
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
-def reports(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def all_reports(tmp_path_factory):
+    """Spawn 4 processes once; both world sizes run inside."""
+    out = tmp_path_factory.mktemp("cp")
+    mp.spawn(_worker, args=(4, _free_port(), str(out)), nprocs=4, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.fixture(params=[2, 4], ids=["P2", "P4"])
+def reports(request, all_reports):
     world = request.param
-    out = tmp_path_factory.mktemp(f"cp{world}")
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-    return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return world, [rep[str(world)] for rep in all_reports]
 
 
 def test_matches_one_process_for_every_selector(reports):
