@@ -154,7 +154,7 @@ def distributed_bench() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "cab_eval.benchmark.distributed",
            "--lengths", "32k", "--sparsities", "0.95", "--warmup", "2", "--reps", "5", "--csv", str(path)]
     log("running " + " ".join(cmd))
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     LOG.write(res.stdout + res.stderr)
     summary.append(("cab bench distributed P=1 (torchrun)", f"rc={res.returncode}"))
     if path.exists():
