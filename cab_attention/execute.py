@@ -118,6 +118,12 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def compiled_flex_attention():
+    """The library's one compiled FlexAttention (static shapes, its own recompile limit), shared by every
+    caller (e.g. :mod:`cab_attention.varlen`) so that the limit is counted once."""
+    return _compiled_flex()
+
+
 def flex_kernel_options(block_size: int, device_type: str) -> dict[str, Any] | None:
     """Kernel tiles that divide the selection block size (CUDA); ``None`` elsewhere."""
     if device_type != "cuda":
