@@ -67,6 +67,9 @@ class NSALlamaAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+        # Under autocast the projections give bf16 but float32 cos/sin promote the rotated q, k to float32;
+        # NSA takes one dtype, so they go back to the projections' dtype (as SDPA's autocast would cast).
+        q_rot, k_rot = q_rot.to(v.dtype), k_rot.to(v.dtype)
         out = self.nsa(q_rot, k_rot, v, gate_input=q)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return self.o_proj(out), None
