@@ -27,6 +27,12 @@ dtype, the ground truth; FlexAttention does not run float64). ``auto`` picks fle
 are not float64. The compressed branch is small (``N x N/d``) and is dense-mask SDPA on both paths.
 
 Training and prefill only: q, k, v have the same length (no KV cache, no chunked prefill).
+
+Causality: every differentiable path is causal (tested). The block choice, shared by the queries of a
+query block so that it maps onto FlexAttention tiles, reads all of that block's queries (and, for
+NSA's own scores, the compressed tokens they see), so query ``t``'s choice may depend on queries and
+keys later in its own block; the chosen blocks themselves are always at or before the diagonal. NSA's
+paper chooses per query token (fla-org's kernels too); per-block choice is this module's simplification.
 """
 
 from __future__ import annotations
