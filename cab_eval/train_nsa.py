@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         mean, lo, hi = t_interval(vals)
         row = {"variant": variant, "seeds": len(vals), "val_loss": mean, "ci_lo": lo, "ci_hi": hi,
                "per_seed": " ".join(f"{v:.4f}" for v in vals),
-               "sec_per_run": sum(r["seconds"] for r in runs if r["variant"] == variant) / len(vals)}
+               "sec_per_run": sum(r["seconds"] for r in runs if r["variant"] == variant) / len(vals),
+               "params": next(r["params"] for r in runs if r["variant"] == variant)}
         paired = [by_seed[(variant, s)] - by_seed[("nsa", s)] for s in args.seeds if (variant, s) in by_seed and ("nsa", s) in by_seed]
         if paired and variant != "nsa":
             d, dlo, dhi = t_interval(paired)
