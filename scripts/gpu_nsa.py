@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     _write(out / "correctness.csv", corr)
     log(f"[{time.time() - t_start:.0f} s] correctness done")
 
-    speed_deadline = t_start + (args.budget * 0.55 if not args.skip_train else args.budget)
+    speed_deadline = t_start + (args.budget * 0.5 if not args.skip_train else args.budget)
     rows = speed(cfg, dev, log, speed_deadline)
     _write(out / "speed.csv", rows)
     try:
