@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole script")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check that the script runs")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--tar", action="store_true",
+                    help="pack the outputs into OUT.tar.gz (one file: the device tool returns at most 8 per call)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,6 +332,15 @@ def main(argv=None) -> int:
                 diff = f", paired diff vs nsa {float(r['diff_vs_nsa']):+.4f} [{float(r['diff_lo']):+.4f}, {float(r['diff_hi']):+.4f}]" if r.get("diff_vs_nsa") else ""
                 log(f"  {r['variant']:<18} val loss {float(r['val_loss']):.4f} [{float(r['ci_lo']):.4f}, {float(r['ci_hi']):.4f}] over {r['seeds']} seeds{diff}")
     log(f"total {time.time() - t_start:.0f} s")
+    if args.tar:
+        import shutil
+        import tarfile
+
+        log.file.close()
+        with tarfile.open(f"{out}.tar.gz", "w:gz") as tar:
+            tar.add(out, arcname=out.name)
+        shutil.rmtree(out)
+        print(f"packed {out}.tar.gz")
     return 0
 
 
