@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Any
 
 import torch
