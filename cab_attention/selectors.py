@@ -15,6 +15,12 @@ in their scores.
 | ``random``     | seeded uniform draw                                                  |
 | ``antidiagonal`` | XAttention strided antidiagonal block mass                          |
 | ``oracle``     | true block attention mass from full attention (evaluation only)      |
+| ``vertical_slash`` | MInference: vertical columns + slash diagonals from the last queries' attention, as block mass |
+| ``flexprefill`` | FlexPrefill: per head, query-aware block estimate or vertical-slash, by Jensen-Shannon distance |
+| ``cab_graph``  | curvature on a row-softmax (or antidiagonal) graph: two-hop ``A + lam A@A`` (default) or triangle |
+
+``allocation`` (every selector, fixed sparsity) spreads the same total over rows (``"row"``), heads
+(``"head"``) or the whole layer (``"layer"``): :mod:`cab_attention.allocation`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from . import score as S
+from .allocation import ALLOCATIONS, allocate
 from .coarsen import COARSEN_METHODS, coarsen
 from .geometry import BlockGrid, check_block_size, check_qkv, check_sparsity, check_threshold
 from .select import adaptive_budget, keep_first, kv_layout, rank_order
@@ -64,6 +71,11 @@ def _integer(name, value):
         raise ValueError(f"{name} must be an int, got {value!r}")
 
 
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _scale(name, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
         raise ValueError(f"{name} must be None or a positive number, got {value!r}")
@@ -78,6 +90,8 @@ COMMON_OPTIONS: dict[str, tuple[Any, Callable]] = {
     "return_diagnostics": (False, _boolean),
     # "triton": the fused Triton predictor (cab_attention.kernels; cab, magnitude, dense; fixed sparsity).
     "impl": ("torch", _choice("torch", "triton")),
+    # Budget allocation at the same exact total (cab_attention.allocation); fixed sparsity only.
+    "allocation": ("row", _choice(*ALLOCATIONS)),
 }
 
 SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
@@ -102,6 +116,20 @@ SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Callable]]] = {
     "random": {"seed": (0, _integer)},
     "antidiagonal": {"stride": (8, _integer)},
     "oracle": {},
+    "vertical_slash": {"last_q": (64, _positive_int)},
+    "flexprefill": {
+        "last_q": (64, _positive_int),
+        "tau": (0.1, _number(0.0, 1.0)),
+        "coarsen": ("mean", _choice(*COARSEN_METHODS)),
+    },
+    "cab_graph": {
+        "affinity": ("softmax", _choice("softmax", "antidiagonal")),
+        "score": ("two_hop", _choice("two_hop", "triangle")),
+        "keep": ("highest", _choice("lowest", "highest")),
+        "lam": (0.5, _number(0.0, math.inf, hi_open=True)),
+        "stride": (8, _integer),
+        "coarsen": ("mean", _choice(*COARSEN_METHODS)),
+    },
 }
 SELECTORS = tuple(SELECTOR_OPTIONS)
 
@@ -210,6 +238,34 @@ def _sel_oracle(ctx: _Context):
     return mass, mass
 
 
+def _sel_vertical_slash(ctx: _Context):
+    p, pos = S.last_query_attention(ctx.q, ctx.k, ctx.grid, ctx.scale, int(ctx.opts["last_q"]))
+    mass = S.vertical_slash_mass(p, pos, ctx.grid)
+    ctx.diag["scores"] = mass
+    return mass, mass
+
+
+def _sel_flexprefill(ctx: _Context):
+    p, pos = S.last_query_attention(ctx.q, ctx.k, ctx.grid, ctx.scale, int(ctx.opts["last_q"]))
+    query_aware = S.softmax_affinity(ctx.logits(), ctx.valid())
+    mass, use_vs = S.flexprefill_mass(p, pos, query_aware, ctx.grid, float(ctx.opts["tau"]))
+    ctx.diag.update(scores=mass, use_vertical_slash=use_vs)
+    return mass, mass
+
+
+def _sel_cab_graph(ctx: _Context):
+    o, valid = ctx.opts, ctx.valid()
+    if o["affinity"] == "softmax":
+        a = S.softmax_affinity(ctx.logits(), valid)
+    else:
+        a = S.row_shares(S.antidiagonal_mass(ctx.q, ctx.k, ctx.grid, ctx.scale, stride=int(o["stride"])), valid)
+    r = S.redundancy(a, ctx.grid)
+    lam = float(o["lam"])
+    f = S.two_hop(a, r, lam) if o["score"] == "two_hop" else S.triangle_proxy(a, r, lam=lam, norm="none")
+    ctx.diag.update(A=a, R=r, scores=f)
+    return (-f if o["keep"] == "lowest" else f), a
+
+
 _SCORERS = {
     "cab": _sel_cab,
     "magnitude": _sel_magnitude,
@@ -217,6 +273,9 @@ _SCORERS = {
     "random": _sel_random,
     "antidiagonal": _sel_antidiagonal,
     "oracle": _sel_oracle,
+    "vertical_slash": _sel_vertical_slash,
+    "flexprefill": _sel_flexprefill,
+    "cab_graph": _sel_cab_graph,
 }
 
 
@@ -263,7 +322,9 @@ def select_blocks(
             ``sparsity`` is not used), ``scale`` (default ``D**-0.5``), ``return_diagnostics``,
             ``impl`` (``"torch"``, or ``"triton"`` for the fused kernels of :mod:`cab_attention.kernels`:
             ``cab``/``magnitude``/``dense``, fixed sparsity, CUDA or ``TRITON_INTERPRET=1``; ``ValueError``
-            elsewhere), and the selector's own (see :data:`SELECTOR_OPTIONS`).
+            elsewhere), ``allocation`` (``"row"``, ``"head"``, ``"layer"``: the same exact total spread
+            by estimated mass, :mod:`cab_attention.allocation`; fixed sparsity, torch only), and the
+            selector's own (see :data:`SELECTOR_OPTIONS`).
 
     Returns:
         A :class:`BlockSelection`. Fewer than ``block_size`` queries give the dense selection.
@@ -276,8 +337,14 @@ def select_blocks(
     opts = resolve_options(selector, options)
     # Checked here, not only in the scorer, so that a bad stride fails even where the dense path
     # (fewer queries than one block) never calls the scorer.
-    if selector == "antidiagonal" and (opts["stride"] < 1 or block_size % opts["stride"]):
+    uses_stride = selector == "antidiagonal" or (selector == "cab_graph" and opts["affinity"] == "antidiagonal")
+    if uses_stride and (opts["stride"] < 1 or block_size % opts["stride"]):
         raise ValueError(f"stride must be a positive divisor of block_size={block_size}, got {opts['stride']!r}")
+    if opts["allocation"] != "row" and (opts["threshold"] is not None or opts["impl"] == "triton"):
+        raise ValueError(
+            f"allocation={opts['allocation']!r} needs fixed sparsity with impl='torch' "
+            "(threshold=None; the Triton path allocates per row)"
+        )
     if opts["impl"] == "triton":
         from .kernels import select_blocks_triton
 
@@ -299,7 +366,7 @@ def select_blocks(
 
     ctx = _Context(q, k, grid, scale, opts)
     prio, mass = _SCORERS[selector](ctx)
-    if opts["threshold"] is not None and mass is None:
+    if (opts["threshold"] is not None or opts["allocation"] != "row") and mass is None:
         mass = _masked_softmax(ctx.logits(), valid)
     demote = ctx.demote
     if opts["share_kv"]:
@@ -311,7 +378,10 @@ def select_blocks(
             demote = demote.reshape(b, hkv, g, *demote.shape[2:]).all(2)
     order = rank_order(prio, valid, forced, demote)
     if opts["threshold"] is None:
-        budget = grid.budget(sparsity, dev)
+        if opts["allocation"] == "row":
+            budget = grid.budget(sparsity, dev)
+        else:
+            budget = allocate(opts["allocation"], mass, grid, sparsity)
     else:
         budget = adaptive_budget(order, mass, valid, forced, float(opts["threshold"]))
     mask = keep_first(order, budget)
