@@ -3,6 +3,7 @@ end-to-end run on a tiny random Llama with the library enabled (no downloads: a 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections import Counter
 
@@ -267,7 +268,10 @@ def test_end_to_end_tiny_llama(builder, tiny_llama, tmp_path):
     config = {"model": "tiny-llama", "dtype": "float32", "block_size": 64, "backend": "sdpa", "bos": True,
               "bos_reason": "test", "tokenizer_check": RR.tokenizer_check(TOK, R.check_sentence_record(TOK)),
               "run": facts}
-    files = RR.write_outputs(tmp_path, config, trials, plots=False)
+    plots = importlib.util.find_spec("matplotlib") is not None
+    files = RR.write_outputs(tmp_path, config, trials, plots=plots)
+    if plots:
+        assert {"heatmap_dense", "heatmap_magnitude", "heatmap_streaming"} <= set(files)
     summary = files["summary"].read_text()
     assert "magnitude" in summary and "density" in summary
     rows = RR.summarize(trials)["results"]

@@ -344,7 +344,7 @@ def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
         mine = [r for r in rows if r["selector"] == sel]
         levels = sorted({r["sparsity"] for r in mine})
         fig, axes = plt.subplots(len(tasks), len(levels), squeeze=False,
-                                 figsize=(1.6 + 1.0 * len(lengths) * len(levels), 0.5 + 1.9 * len(tasks)))
+                                 figsize=(max(4.5, 1.6 + 1.0 * len(lengths) * len(levels)), 0.8 + 1.9 * len(tasks)))
         im = None
         for i, task in enumerate(tasks):
             depths = sorted({r["depth"] for r in mine if r["task"] == task}, key=lambda d: (d is None, d or 0))
@@ -363,7 +363,7 @@ def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths], fontsize=7)
                 dens = [r["density"] for r in cell.values()]
                 ax.set_title(f"{task} s={s:g} dens {sum(dens) / max(1, len(dens)):.2f}", fontsize=7)
-        fig.suptitle(f"RULER-style exact match: {sel} (rows: depth, columns: length)", fontsize=9)
+        fig.suptitle(f"RULER-style exact match: {sel}\n(rows: needle depth, columns: length)", fontsize=9)
         fig.tight_layout()
         if im is not None:
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
@@ -538,8 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if args.step == "score":
             tok, _ = load_tokenizer(model_path)
+            # ruler.json after a finished run, else the config the run wrote when it started
             cfg_path = out / "ruler.json"
-            config = json.loads(cfg_path.read_text())["config"] if cfg_path.is_file() else {}
+            if cfg_path.is_file():
+                config = json.loads(cfg_path.read_text())["config"]
+            else:
+                start = out / "ruler_config.json"
+                config = json.loads(start.read_text()) if start.is_file() else {}
             trials = rescore(read_trials(out / TRIALS_CSV), tok)
             if not trials:
                 raise ValueError(f"no trials in {out / TRIALS_CSV}")
@@ -576,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "bos": meta.get("bos"), "bos_reason": meta.get("bos_reason"), "build": {k: v for k, v in meta.items() if k != "check"},
             "tokenizer_check": check, "prompts": len(prompts), "environment": environment(),
         }
+        write_json(out / "ruler_config.json", config)  # for 'score' if this run is killed
         facts = run_trials(model, tok, prompts, methods, out, block_size=args.block_size, backend=args.backend,
                            batch=args.batch, max_new_tokens=args.max_new_tokens, resume=args.resume,
                            time_limit=args.time_limit, enable_options=extra, progress=not args.no_progress)
