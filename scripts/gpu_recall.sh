@@ -85,7 +85,9 @@ CONFIGS=(oracle antidiagonal vertical_slash flexprefill magnitude streaming cab
   "magnitude-head@magnitude:allocation=head" "magnitude-layer@magnitude:allocation=layer"
   "graph2hop-head@cab_graph:allocation=head" "graph2hop-layer@cab_graph:allocation=layer"
   "graph2hop-ad-head@cab_graph:affinity=antidiagonal,allocation=head"
-  "graph2hop-ad-layer@cab_graph:affinity=antidiagonal,allocation=layer")
+  "graph2hop-ad-layer@cab_graph:affinity=antidiagonal,allocation=layer"
+  # Exploratory upper bounds for the allocation variants (amendment in docs/results.md; not in the rule).
+  "oracle-head@oracle:allocation=head" "oracle-layer@oracle:allocation=layer")
 
 run_cell() {  # model gguf length layers seconds
   local model=$1 gguf=$2 length=$3 layers=$4 secs=$5 t0=$SECONDS
