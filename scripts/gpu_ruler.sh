@@ -12,20 +12,25 @@
 # Sized for 6 minutes on one H200: each model runs under a time limit (no new batch of prompts after
 # it; every batch runs all 11 methods, so what ran is paired) and a hard timeout; prompts are ordered
 # sample-major, so a run cut short covers every (task, length, depth) cell with its first samples.
-# Estimate (unmeasured, to be replaced by the run's own seconds): model conversion ~30-60 s (Gemma)
-# and ~25 s (SmolLM2); trials 120 s + at most one batch (~30 s at 32k) for Gemma, 50 s for SmolLM2.
+# Estimate (unmeasured, to be replaced by the run's own seconds): Gemma ~10 s imports + ~30-60 s GGUF
+# conversion + 100 s of trials + at most one more batch of 11 methods (~30 s at 32k) + outputs ~5 s;
+# SmolLM2 ~10 + ~25 + 45 + ~10 + ~5 s: about 5 minutes in all. Hard timeouts (200 s, 95 s, and 30 s for
+# each fallback 'score') bound the worst case at 355 s.
 # If the decode check fails on the device, re-score on the CPU:
 #     python -m cab_eval.evaluate.ruler_run score --model GEMMA.gguf --out <unpacked ruler-gemma3>
+# Gemma-3 runs the three NIAH tasks only: on the CPU (2026-12-04, 1.5k tokens, dense) it retrieved
+# niah_single 3/3, niah_multikey 1/1 and 3 of 4 multivalue values, but answered variable tracking with
+# the one-shot example's names (and with a bare list without it), so VT there would measure nothing.
 # Gemma-3: hf.enable sparsifies every layer today (sliding layers too, cut to their window: issue 8,
 # item 1); once hf.enable offers a layer policy, pass it with --enable KEY=VALUE in ENABLE below.
 set -u
 PROMPTS=runs/ruler-prompts
 GEMMA_NAME=gemma-3-270m-q4_k_m.gguf
 SMOL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
-GEMMA_GRID=(--tasks niah_single,niah_multikey,niah_multivalue,variable_tracking --lengths 8192,16384,32640
-            --depths 0.1,0.5,0.9 --samples 3)
+GEMMA_GRID=(--tasks niah_single,niah_multikey,niah_multivalue --lengths 8192,16384,32640
+            --depths 0.1,0.5,0.9 --samples 4)
 SMOL_GRID=(--tasks niah_single,niah_multikey,niah_multivalue,variable_tracking,cwe,fwe --lengths 8000
-           --depths 0.1,0.5,0.9 --samples 3)
+           --depths 0.1,0.5,0.9 --samples 4)
 SELECTORS="dense,oracle,antidiagonal,magnitude,streaming,cab"
 ENABLE=()
 
@@ -59,12 +64,12 @@ run_model() {  # name, gguf, token-id file, trial seconds, hard timeout seconds,
     --no-progress --out "$dir" "${ENABLE[@]}" > "$dir/run.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ] && [ -s "$dir/ruler_trials.csv" ]; then  # killed or failed: write outputs from the CSV
-    timeout 60 python3 -m cab_eval.evaluate.ruler_run score --model "$gguf" --out "$dir" >> "$dir/run.log" 2>&1
+    timeout 30 python3 -m cab_eval.evaluate.ruler_run score --model "$gguf" --out "$dir" >> "$dir/run.log" 2>&1
   fi
   echo "$name rc=$rc $((SECONDS - t0))s trials=$(($(wc -l < "$dir/ruler_trials.csv" 2>/dev/null || echo 1) - 1))" | tee -a "$OUT/steps.txt"
   tar czf "$OUT/ruler-$name.tgz" -C runs/gpu "ruler-$name"
   grep -E "tokenizer check|^\| " "$dir/run.log" | head -n 20
 }
-run_model gemma3 "/root/m/$GEMMA_NAME" "$PROMPTS/gemma3.json.gz" 120 230 4
-run_model smollm2 "/root/m/$SMOL_NAME" "$PROMPTS/smollm2.json.gz" 50 110 4
+run_model gemma3 "/root/m/$GEMMA_NAME" "$PROMPTS/gemma3.json.gz" 100 200 4
+run_model smollm2 "/root/m/$SMOL_NAME" "$PROMPTS/smollm2.json.gz" 45 95 4
 cat "$OUT/steps.txt"

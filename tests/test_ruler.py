@@ -244,6 +244,8 @@ def test_partial_writing_and_resume(builder, tiny_llama, tmp_path):
     assert len(trials) == 16 and len({(t["method"], t["uid"]) for t in trials}) == 16
     assert all(t["correct"] == (t["uid"] in {p.uid for p in prompts[::2]} and t["task"] == "niah_single")
                or t["task"] != "niah_single" for t in trials)
+    again = RR.rescore(trials, TOK)  # re-decoding the stored output ids gives the same verdicts
+    assert [(t["correct"], t["score"], t["output"]) for t in again] == [(t["correct"], t["score"], t["output"]) for t in trials]
     dense = [t for t in trials if t["method"] == "dense"]
     assert all(t["density"] == 1.0 for t in dense) or all(t["density"] != t["density"] for t in dense)
     # time limit: nothing new starts after it

@@ -514,9 +514,10 @@ class RulerBuilder:
         for c, (value, chain) in enumerate(chains):
             # The asked chain starts at ``depth``, its later hops at sorted uniform depths after it;
             # other chains anywhere, in order.
-            lo = depth if c == 0 else 0.0
-            ds = [lo] + sorted(lo + (1 - lo) * rng.random() for _ in chain[1:]) if c == 0 else sorted(
-                rng.random() for _ in chain)
+            if c == 0:
+                ds = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in chain[1:])
+            else:
+                ds = sorted(rng.random() for _ in chain)
             inserts += [(dd, encode(self.tok, s)) for dd, s in zip(ds, self.vt_statements(value, chain))]
         value, chain = chains[0]
         head = example + encode(self.tok, VT_HEAD)
