@@ -13,9 +13,11 @@
 # then one call carrying ["runs/recall-ids"]:
 #     bash scripts/gpu_recall.sh           # $OUT/recall-<model>-<length>.tgz, steps.txt, a table last
 # Expected on one H200 (unmeasured; replace with the run's own seconds in steps.txt): model conversion
-# ~30-60 s (Gemma) and ~25 s (SmolLM2) unless /root/m/cache already holds them; Gemma 32k ~60 s, 16k
-# ~30 s, 8k ~15 s, SmolLM2 ~45 s; about 3.5 minutes in all. Hard per-step limits sum to 300 s; a step
-# cut by its limit writes nothing (the order puts the primary cells first).
+# ~30-60 s (Gemma) and ~25 s (SmolLM2) unless /root/m/cache already holds them; Gemma 32k ~30 s, 16k
+# ~15 s, 8k ~10 s (3 layers; the oracle's O(N^2) selections dominate); SmolLM2 ~70 s (30 layers x 6
+# windows x 24 selections of ~10 ms each, as in the 2026-11-25 ablation's 38 s for 14 configurations);
+# about 3-4 minutes in all. Hard per-step limits sum to 300 s; a step cut by its limit writes nothing
+# (the order puts the primary cells first).
 set -u
 IDS=runs/recall-ids
 GEMMA_NAME=gemma-3-270m-q4_k_m.gguf
@@ -103,14 +105,14 @@ run_cell() {  # model gguf length layers seconds
   tail -n 3 "$dir/run.log"
 }
 # Convert both GGUFs once (the cached safetensors copies then load in about a second).
-timeout 75 python3 -c "
+timeout 60 python3 -c "
 import time; from cab_attention import hf
 for p in ('/root/m/$GEMMA_NAME', '/root/m/$SMOL_NAME'):
     t = time.time(); hf.load_model(p, device='cpu'); print('converted', p, round(time.time() - t, 1), 's')
 " 2>&1 | tail -n 2
-run_cell gemma3 "/root/m/$GEMMA_NAME" 16384 5,11,17 50
-run_cell gemma3 "/root/m/$GEMMA_NAME" 32768 5,11,17 80
-run_cell smollm2 "/root/m/$SMOL_NAME" 8192 "" 65
+run_cell gemma3 "/root/m/$GEMMA_NAME" 16384 5,11,17 40
+run_cell gemma3 "/root/m/$GEMMA_NAME" 32768 5,11,17 60
+run_cell smollm2 "/root/m/$SMOL_NAME" 8192 "" 110
 run_cell gemma3 "/root/m/$GEMMA_NAME" 8192 5,11,17 30
 
 # Short table: mean recall per method and cell, and the paired difference against antidiagonal with its

@@ -63,13 +63,19 @@ def test_asking_for_a_sliding_layer_raises():
     assert {r["layer"] for r in rec.rows} == {2}
 
 
-@pytest.mark.parametrize("allocation", ["head", "layer"])
-def test_allocated_masks_keep_the_exact_budget(allocation):
+@pytest.mark.parametrize("spec", ["flexprefill:allocation=head", "vertical_slash:allocation=layer",
+                                  "magnitude:allocation=layer,share_kv=true"])
+def test_allocated_masks_equal_select_blocks_at_each_sparsity(spec):
+    import cab_attention as cab
+
     gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 4, 128, 16, generator=gen), torch.randn(1, 2, 128, 16, generator=gen)
-    cfg = recall.parse_spec(f"flexprefill:allocation={allocation}")
-    for info in recall.config_masks(q, k, cfg, [0.5, 0.8], 16, None):
+    q, k = torch.randn(1, 4, 160, 16, generator=gen), torch.randn(1, 2, 160, 16, generator=gen)
+    cfg = recall.parse_spec(spec)
+    sparsities = [0.5, 0.8]
+    for s, info in zip(sparsities, recall.config_masks(q, k, cfg, sparsities, 16, None)):
         assert info["kept"] == info["budget"]
+        want = cab.select_blocks(q, k, selector=cfg.selector, sparsity=s, block_size=16, **cfg.options)
+        assert torch.equal(info["mask"], want.query_head_mask()[0])
 
 
 def test_is_plain_causal():

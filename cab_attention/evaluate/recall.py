@@ -128,9 +128,11 @@ def config_masks(
 ) -> list[dict[str, Any]]:
     """One mask per sparsity for ``cfg`` on one layer: ``[{mask [Hq, Mq, Mk] bool, density, kept, budget}]``.
 
-    Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets;
+    Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets
+    (per row, or from :func:`cab_attention.allocation.allocate` on the selection's own mass estimate);
     adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
     """
+    from ..allocation import allocate
     from ..select import keep_first
     from ..selectors import select_blocks
 
@@ -138,9 +140,8 @@ def config_masks(
     if scale is not None and "scale" not in opts:
         opts["scale"] = float(scale)
     out = []
-    # One ranking cut at each sparsity's per-row budgets; other allocations re-select per sparsity.
-    reuse = (cfg.selector != "dense" and opts.get("threshold") is None and q.shape[2] >= block_size
-             and opts.get("allocation", "row") == "row")
+    allocation = opts.get("allocation", "row")
+    reuse = cfg.selector != "dense" and opts.get("threshold") is None and q.shape[2] >= block_size
     first = None
     for s in sparsities:
         if first is None or not reuse:
@@ -153,10 +154,15 @@ def config_masks(
                 # The library's own order: it includes any demotion (cab edges="positive"), which a
                 # re-ranking of the priority alone would lose.
                 order = sel.diagnostics["order"]
+                mass = sel.diagnostics.get("mass")
+                group = grid.group if sel.shared_kv else 1
                 if sel.shared_kv:
-                    order = order.repeat_interleave(grid.group, dim=1)
-        else:
+                    order = order.repeat_interleave(group, dim=1)
+        elif allocation == "row":
             mask = keep_first(order, grid.budget(float(s), q.device))
+        else:
+            budget_rows = allocate(allocation, mass, grid, float(s)).repeat_interleave(group, dim=1)
+            mask = keep_first(order, budget_rows)
         valid = grid.valid(q.device)
         kept = int((mask & valid).sum())
         budget = int(grid.budget(float(s), q.device).sum()) * mask.shape[0] * mask.shape[1]
