@@ -318,9 +318,11 @@ def _safe(name: str) -> str:
 
 
 def summarize(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per-cell (method, task, length, depth), per-task and per-method rows."""
+    """Rows per cell (selector, sparsity, task, length, depth), per (task, length), per task, per length
+    and per selector and sparsity."""
     return {
         "results": R.aggregate(trials, ("selector", "sparsity", "task", "length", "depth")),
+        "by_task_length": R.aggregate(trials, ("selector", "sparsity", "task", "length")),
         "by_task": R.aggregate(trials, ("selector", "sparsity", "task")),
         "by_length": R.aggregate(trials, ("selector", "sparsity", "length")),
         "summary": R.aggregate(trials, ("selector", "sparsity")),
@@ -411,6 +413,7 @@ def write_outputs(out: Path, config: dict[str, Any], trials: list[dict[str, Any]
         "## By selector\n\n" + _table(agg["summary"], ("selector", "sparsity"))
         + "\n## By task\n\n" + _table(agg["by_task"], ("selector", "sparsity", "task"))
         + "\n## By length\n\n" + _table(agg["by_length"], ("selector", "sparsity", "length"))
+        + "\n## By task and length\n\n" + _table(agg["by_task_length"], ("selector", "sparsity", "task", "length"))
     )
     files["summary"] = write_summary(out / "summary.md", "RULER-style retrieval", body, env)
     return files
