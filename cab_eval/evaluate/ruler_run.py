@@ -220,6 +220,9 @@ def run_trials(
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be None or a positive int, got {max_new_tokens!r}")
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit >= 0):
+        raise ValueError(f"time_limit must be None or a number of seconds >= 0, got {time_limit!r}")
     path = Path(out) / TRIALS_CSV
     if path.is_file() and path.stat().st_size > 0 and not resume:
         raise ValueError(f"{path} already holds trials: pass --resume to continue it, or another --out")
