@@ -55,7 +55,7 @@ import torch.distributed as dist
 from .execute import sparse_attention
 from .geometry import check_qkv
 from .selection import BlockSelection
-from .selectors import select_blocks
+from .select import select_blocks
 
 
 def _world(group) -> tuple[int, int]:

@@ -47,8 +47,9 @@ from torch import nn
 
 from .execute import flex_kernel_options
 from .geometry import BlockGrid, check_block_size, check_qkv
-from .select import keep_first, kv_layout, rank_order
-from .selectors import SELECTORS, resolve_options, select_blocks
+from .options import SELECTORS, resolve_options
+from .select import keep_first, rank_order, select_blocks
+from .selection import kv_layout
 
 NSA_SELECTIONS = ("nsa",) + tuple(s for s in SELECTORS if s != "dense")
 """Selection-branch choices: NSA's own compressed-attention ranking, or a library selector."""

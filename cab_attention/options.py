@@ -13,6 +13,12 @@ either may import it.
 | ``random``       | seeded uniform draw                                                        |
 | ``antidiagonal`` | XAttention strided antidiagonal block mass                                 |
 | ``oracle``       | true block attention mass from full attention (evaluation only)            |
+| ``vertical_slash`` | MInference: vertical columns + slash diagonals from the last queries' attention, as block mass |
+| ``flexprefill``  | FlexPrefill: per head, query-aware block estimate or vertical-slash, by Jensen-Shannon distance |
+| ``cab_graph``    | curvature on a row-softmax (or antidiagonal) graph: two-hop ``A + lam A@A`` (default) or triangle |
+
+``allocation`` (every selector, fixed sparsity) spreads the same total over rows (``"row"``), heads
+(``"head"``) or the whole layer (``"layer"``): :mod:`cab_attention.allocation`.
 
 ``cab``'s defaults are the configuration a pre-registered ablation picked on an H100 (triangle proxy,
 keep highest, mean coarsening); :data:`FORMAN_KEEP_LOWEST_MAXL2` names the original formulation
@@ -26,6 +32,7 @@ import numbers
 import warnings
 from typing import Any, Callable
 
+from .allocation import ALLOCATIONS
 from .coarsen import COARSEN_METHODS
 from .geometry import check_threshold
 from .score import TRIANGLE_NORMS
@@ -68,6 +75,11 @@ def integer(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an int, got {value!r}")
 
 
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def positive_or_none(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
         raise ValueError(f"{name} must be None or a positive number, got {value!r}")
@@ -94,6 +106,8 @@ COMMON_OPTIONS: dict[str, tuple[Any, Check]] = {
     # Raise ValueError on NaN or inf in q and k. It costs one read of q and k and one host sync; turn it
     # off where the inputs are known to be finite and that cost matters (scripts/gpu_house.py measures it).
     "check_finite": (True, boolean),
+    # Budget allocation at the same exact total (cab_attention.allocation); fixed sparsity, torch only.
+    "allocation": ("row", choice(*ALLOCATIONS)),
 }
 
 #: Each selector's own options: ``selector -> {name -> (default, check)}``; they override the common ones.
@@ -116,6 +130,20 @@ SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Check]]] = {
     "random": {"seed": (0, integer)},
     "antidiagonal": {"stride": (8, integer)},
     "oracle": {},
+    "vertical_slash": {"last_q": (64, positive_int)},
+    "flexprefill": {
+        "last_q": (64, positive_int),
+        "tau": (0.1, number(0.0, 1.0)),
+        "coarsen": ("mean", choice(*COARSEN_METHODS)),
+    },
+    "cab_graph": {
+        "affinity": ("softmax", choice("softmax", "antidiagonal")),
+        "score": ("two_hop", choice("two_hop", "triangle")),
+        "keep": ("highest", choice("lowest", "highest")),
+        "lam": (0.5, number(0.0, math.inf, hi_open=True)),
+        "stride": (8, integer),
+        "coarsen": ("mean", choice(*COARSEN_METHODS)),
+    },
 }
 
 #: The selector names, in table order.

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from . import score as S
+from .allocation import allocate
 from .coarsen import coarsen
 from .geometry import BlockGrid, check_block_size, check_finite, check_qkv, check_sparsity
 from .options import check_stride, defaults, resolve_options
@@ -379,6 +380,34 @@ def _sel_oracle(ctx: _Context):
     return mass, mass
 
 
+def _sel_vertical_slash(ctx: _Context):
+    p, pos = S.last_query_attention(ctx.q, ctx.k, ctx.grid, ctx.scale, int(ctx.opts["last_q"]))
+    mass = S.vertical_slash_mass(p, pos, ctx.grid)
+    ctx.diag["scores"] = mass
+    return mass, mass
+
+
+def _sel_flexprefill(ctx: _Context):
+    p, pos = S.last_query_attention(ctx.q, ctx.k, ctx.grid, ctx.scale, int(ctx.opts["last_q"]))
+    query_aware = S.softmax_affinity(ctx.logits(), ctx.grid.valid(ctx.q.device))
+    mass, use_vs = S.flexprefill_mass(p, pos, query_aware, ctx.grid, float(ctx.opts["tau"]))
+    ctx.diag.update(scores=mass, use_vertical_slash=use_vs)
+    return mass, mass
+
+
+def _sel_cab_graph(ctx: _Context):
+    o, valid = ctx.opts, ctx.grid.valid(ctx.q.device)
+    if o["affinity"] == "softmax":
+        a = S.softmax_affinity(ctx.logits(), valid)
+    else:
+        a = S.row_shares(S.antidiagonal_mass(ctx.q, ctx.k, ctx.grid, ctx.scale, stride=int(o["stride"])), valid)
+    r = S.redundancy(a, ctx.grid)
+    lam = float(o["lam"])
+    f = S.two_hop(a, r, lam) if o["score"] == "two_hop" else S.triangle_proxy(a, r, lam=lam, norm="none")
+    ctx.diag.update(A=a, R=r, scores=f)
+    return (-f if o["keep"] == "lowest" else f), a
+
+
 #: Each selector's scorer: context -> (priority ``[B, Hq, Mq, Mk]``, mass or ``None``).
 SCORERS: dict[str, Scorer] = {
     "cab": _sel_cab,
@@ -387,6 +416,9 @@ SCORERS: dict[str, Scorer] = {
     "random": _sel_random,
     "antidiagonal": _sel_antidiagonal,
     "oracle": _sel_oracle,
+    "vertical_slash": _sel_vertical_slash,
+    "flexprefill": _sel_flexprefill,
+    "cab_graph": _sel_cab_graph,
 }
 
 
@@ -427,7 +459,9 @@ def select_blocks(
             ``check_finite`` (default ``True``: ``ValueError`` on NaN or inf in q or k, at the cost of a
             read of both and a host sync), ``impl`` (``"torch"``, or ``"triton"`` for the fused kernels of
             :mod:`cab_attention.kernels`: ``cab``/``magnitude``/``dense``, fixed sparsity, CUDA or
-            ``TRITON_INTERPRET=1``; ``ValueError`` elsewhere), and the selector's own (see
+            ``TRITON_INTERPRET=1``; ``ValueError`` elsewhere), ``allocation`` (``"row"``, ``"head"``,
+            ``"layer"``: the same exact total spread by estimated mass, :mod:`cab_attention.allocation`;
+            fixed sparsity, torch only), and the selector's own (see
             :data:`cab_attention.options.SELECTOR_OPTIONS`).
 
     Returns:
@@ -441,8 +475,13 @@ def select_blocks(
     opts = resolve_options(selector, options)
     # Checked here, not only in the scorer, so that a bad stride fails even where the dense path
     # (fewer queries than one block) never calls the scorer.
-    if selector == "antidiagonal":
+    if selector == "antidiagonal" or (selector == "cab_graph" and opts["affinity"] == "antidiagonal"):
         check_stride(opts["stride"], block_size)
+    if opts["allocation"] != "row" and (opts["threshold"] is not None or opts["impl"] == "triton"):
+        raise ValueError(
+            f"allocation={opts['allocation']!r} needs fixed sparsity with impl='torch' "
+            "(threshold=None; the Triton path allocates per row)"
+        )
     if opts["check_finite"]:
         check_finite(q=q, k=k)
     if opts["impl"] == "triton":
@@ -463,8 +502,14 @@ def select_blocks(
     prio, mass = SCORERS[selector](ctx)
     threshold = opts["threshold"]
     order = _rank_rows(prio, grid, ctx.demote, share_kv)
-    if threshold is None:
+    if threshold is None and opts["allocation"] == "row":
         budget = grid.budget(sparsity, dev)
+    elif threshold is None:
+        if mass is None:
+            mass = masked_softmax(ctx.logits(), grid.valid(dev))
+        if share_kv:
+            mass = _group_reduce(mass, grid, "mean")
+        budget = allocate(opts["allocation"], mass, grid, sparsity)
     else:
         if mass is None:
             mass = masked_softmax(ctx.logits(), grid.valid(dev))

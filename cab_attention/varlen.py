@@ -57,7 +57,7 @@ from .execute import BACKENDS, check_flex_available, compiled_flex_attention, fl
 from .geometry import check_block_size
 from .select import kv_layout
 from .selection import BlockSelection
-from .selectors import select_blocks
+from .select import select_blocks
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

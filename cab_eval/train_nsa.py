@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from cab_attention.evaluate.report import comma_ints, environment, markdown_table, write_csv, write_summary
+from cab_eval.evaluate.report import comma_ints, environment, markdown_table, write_csv, write_summary
 from cab_attention.nsa import NSA_SELECTIONS
 
 DEFAULT_VARIANTS = "dense,nsa,nsa-cab,nsa-antidiagonal"

@@ -216,7 +216,7 @@ def bench(fn, rep_ms: int = 200) -> float:
 def timing(rows: list[dict], lengths: list[int], sparsities: list[float], tune: bool, seed: int) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from cab_attention.execute import _compiled_flex, flex_kernel_options
+    from cab_attention.execute import compiled_flex_attention as _compiled_flex, flex_kernel_options
     from cab_attention.kernels.attention import TileConfig, block_sparse_attention, default_config, kept_tile_flops
 
     gen = torch.Generator(device=DEV).manual_seed(seed)

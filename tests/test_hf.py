@@ -355,8 +355,8 @@ def test_smollm2_loads_from_cache_quickly(smollm2):
 def test_smollm2_sparsity0_logits_and_dense_passkey_at_1k(smollm2):
     """At sparsity 0 the logits equal default attention (fp32, 1e-4), and the dense model retrieves the
     pass key from a ~1k-token Landmark prompt."""
-    from cab_attention.evaluate.passkey import _generate
-    from cab_attention.evaluate.text import passkey_prompt
+    from cab_eval.evaluate.passkey import _generate
+    from cab_eval.evaluate.text import passkey_prompt
 
     model, tok = smollm2
     p = passkey_prompt(tok, 27181, 1024, 0.4, align=64)

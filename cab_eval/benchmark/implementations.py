@@ -179,7 +179,7 @@ def total_fn(impl: str, selector: str, q, k, v, *, sparsity: float, block_size: 
         return lambda: sparse_attention(q, k, v, selection=pf(), block_size=block_size, causal=True, backend=backend)
     opts = E.flex_kernel_options(block_size, q.device.type)
     gqa = q.shape[1] != k.shape[1]
-    flex = E._compiled_flex()
+    flex = E.compiled_flex_attention()
     return lambda: flex(q, k, v, block_mask=build(pf()), enable_gqa=gqa, kernel_options=opts)
 
 
@@ -199,7 +199,7 @@ def flex_runner(q, k, v, selection, build: Callable[[Any], Any] | None = None) -
     bm = (build or (lambda sel: sel.to_block_mask()))(selection)
     opts = E.flex_kernel_options(bs, q.device.type)
     gqa = q.shape[1] != k.shape[1]
-    fn = E._compiled_flex()
+    fn = E.compiled_flex_attention()
     return lambda: fn(q, k, v, block_mask=bm, enable_gqa=gqa, kernel_options=opts)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .report import RowsFile, bootstrap_ci, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
+from .report import RowsFile, bootstrap_ci, comma_floats, comma_ints, environment, markdown_table, write_csv, write_json, write_summary
 
 DEFAULT_CONFIGS = (
     "oracle",
@@ -133,16 +133,19 @@ def config_masks(
 ) -> list[dict[str, Any]]:
     """One mask per sparsity for ``cfg`` on one layer: ``[{mask [Hq, Mq, Mk] bool, density, kept, budget}]``.
 
-    Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets;
+    Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets
+    (per row, or from :func:`cab_attention.allocation.allocate` on the selection's own mass estimate);
     adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
     """
-    from cab_attention.select import keep_first
     from cab_attention import select_blocks
+    from cab_attention.allocation import allocate
+    from cab_attention.select import keep_first
 
     opts = dict(cfg.options)
     if scale is not None and "scale" not in opts:
         opts["scale"] = float(scale)
     out = []
+    allocation = opts.get("allocation", "row")
     reuse = cfg.selector != "dense" and opts.get("threshold") is None and q.shape[2] >= block_size
     first = None
     for s in sparsities:
@@ -156,10 +159,15 @@ def config_masks(
                 # The library's own order: it includes any demotion (cab edges="positive"), which a
                 # re-ranking of the priority alone would lose.
                 order = sel.diagnostics["order"]
+                mass = sel.diagnostics.get("mass")
+                group = grid.group if sel.shared_kv else 1
                 if sel.shared_kv:
-                    order = order.repeat_interleave(grid.group, dim=1)
-        else:
+                    order = order.repeat_interleave(group, dim=1)
+        elif allocation == "row":
             mask = keep_first(order, grid.budget(float(s), q.device))
+        else:
+            budget_rows = allocate(allocation, mass, grid, float(s)).repeat_interleave(group, dim=1)
+            mask = keep_first(order, budget_rows)
         valid = grid.valid(q.device)
         kept = int((mask & valid).sum())
         budget = int(grid.budget(float(s), q.device).sum()) * mask.shape[0] * mask.shape[1]
@@ -261,8 +269,13 @@ class RecallRecorder:
     on each layer to ``self.rows`` (per layer) and ``self.head_rows`` (per head)."""
 
     def __init__(self, configs: Sequence[Config], sparsities: Sequence[float], block_size: int,
-                 on_layer: Callable[[], None] | None = None):
+                 on_layer: Callable[[], None] | None = None, layers: Sequence[int] | None = None):
         self.configs = list(configs)
+        # Layers to measure (None: every layer whose mask is plain causal). Layers with any other mask
+        # (a sliding window shorter than the text, padding) are run with that mask and listed in
+        # ``skipped``: their true attention is not the causal softmax that recall is measured against.
+        self.layers = None if layers is None else {int(x) for x in layers}
+        self.skipped: set[int] = set()
         self.sparsities = [float(s) for s in sparsities]
         self.block_size = block_size
         self.window = 0
@@ -274,9 +287,17 @@ class RecallRecorder:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if query.shape[2] == key.shape[2] and query.shape[2] >= self.block_size:
-            with torch.no_grad():
-                self.measure(getattr(module, "layer_idx", -1), query, key, value, scaling)
+        layer = getattr(module, "layer_idx", -1)
+        wanted = self.layers is None or layer in self.layers
+        if wanted and query.shape[2] == key.shape[2] and query.shape[2] >= self.block_size:
+            if is_plain_causal(attention_mask, query.shape[2]):
+                with torch.no_grad():
+                    self.measure(layer, query, key, value, scaling)
+            elif self.layers is not None:
+                raise ValueError(f"layer {layer} was asked for but its attention mask is not plain causal "
+                                 "(a sliding window or padding); recall is measured on causal full-attention layers")
+            else:
+                self.skipped.add(layer)
         if self.on_layer:
             self.on_layer()
         return out
@@ -317,10 +338,31 @@ class RecallRecorder:
 Recorder = RecallRecorder
 
 
+def is_plain_causal(mask: torch.Tensor | None, n: int) -> bool:
+    """Whether a transformers attention mask for ``n`` queries and keys is the plain causal mask.
+
+    ``None`` is what transformers passes when SDPA's ``is_causal`` suffices (no padding, no window
+    shorter than the sequence). A bool mask allows ``True``; a float mask allows entries above its dtype's
+    minimum / 2 (transformers fills masked entries with the minimum).
+    """
+    if mask is None:
+        return True
+    m = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if m.shape[-2:] != (n, n):
+        return False
+    causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril_()
+    return bool((m == causal).all())
+
+
 def register(recorder: RecallRecorder) -> None:
+    """Register the recorder as an attention function *and* SDPA's mask builder under the same name, so
+    that transformers builds each layer's real mask (sliding windows included) for it; an attention name
+    without a mask function gets ``attention_mask=None`` and every layer silently runs full causal."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, recorder)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
 def record(model, windows: torch.Tensor, recorder: RecallRecorder, skip: Sequence[int] = (),
@@ -481,13 +523,23 @@ def run(
     ablation: bool = False,
     model_obj=None,
     resume: bool = False,
+    ids: torch.Tensor | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The recall evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``.
 
     ``model_obj`` (a ``(model, tokenizer)`` pair) skips loading, for tests and callers that hold one.
     ``recall.csv`` and ``recall_heads.csv`` grow window by window; ``resume=True`` keeps the windows an
     interrupted run of the same command finished there and measures only the others.
+    ``ids`` (``[windows, length]`` int64 token ids, e.g. built on another machine) replaces the essay
+    windows and sets ``windows`` and ``length``. ``layers`` restricts the measurement to those layers
+    (each must have a plain causal mask); by default every plain-causal layer is measured and the others
+    (sliding windows shorter than the text) are listed as skipped.
     """
+    if ids is not None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"ids must be a [windows, length] int64 tensor, got {getattr(ids, 'shape', ids)!r}")
+        windows, length = int(ids.shape[0]), int(ids.shape[1])
     from tqdm.auto import tqdm
 
     from cab_attention.geometry import check_block_size, check_sparsity
@@ -506,10 +558,13 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     m, tok = model_obj if model_obj is not None else load_model(device, model)
     t_load = time.perf_counter() - t0
-    ids = text_windows(tok, windows, length)
+    if ids is None:
+        ids = text_windows(tok, windows, length)
     n_layers = m.config.num_hidden_layers
+    if layers is not None and any(not 0 <= int(x) < n_layers for x in layers):
+        raise ValueError(f"layers must lie in [0, {n_layers}), got {list(layers)}")
     bar = tqdm(total=windows * n_layers, desc="recall (window x layer)", disable=not progress, file=sys.stderr)
-    rec = RecallRecorder(cfgs, sparsities, block_size, on_layer=lambda: bar.update(1))
+    rec = RecallRecorder(cfgs, sparsities, block_size, on_layer=lambda: bar.update(1), layers=layers)
     # Rows go to disk after every window, so that an interrupted run keeps them and --resume skips them.
     rows_file, heads_file = RowsFile(out / "recall.csv", TEXT_FIELDS), RowsFile(out / "recall_heads.csv", TEXT_FIELDS)
     prev, prev_heads = rows_file.start(resume), heads_file.start(resume)
@@ -530,7 +585,7 @@ def run(
     finally:
         bar.close()
     summary = aggregate(rec.rows)
-    layers = per_layer(rec.rows)
+    per_layer_rows = per_layer(rec.rows)
     env = environment()
     result: dict[str, Any] = {
         "environment": env,
@@ -538,14 +593,16 @@ def run(
         "dtype": str(next(m.parameters()).dtype),
         "windows": windows, "length": length, "block_size": block_size, "sparsities": list(map(float, sparsities)),
         "configs": [{"label": c.label, "selector": c.selector, "options": c.options} for c in cfgs],
-        "summary": summary, "per_layer": layers, "rows": rec.rows,
+        "summary": summary, "per_layer": per_layer_rows, "rows": rec.rows,
+        "measured_layers": sorted({r["layer"] for r in rec.rows}), "skipped_layers": sorted(rec.skipped),
         "load_seconds": t_load,
     }
     files = ["recall.json", "recall.csv", "recall_heads.csv", "recall_summary.csv", "summary.md"]
-    files += _plots(out, summary, layers)
+    files += _plots(out, summary, per_layer_rows)
     body = (
         f"Model {result['model']} ({result['dtype']}), {windows} windows x {length} tokens of the Paul Graham essays, "
-        f"block {block_size}, all {n_layers} layers, every query head. Recall: share of each token's causal softmax "
+        f"block {block_size}, layers {result['measured_layers']} of {n_layers} (skipped, not plain causal: "
+        f"{result['skipped_layers'] or 'none'}), every query head. Recall: share of each token's causal softmax "
         "mass inside its kept blocks; error: ||O_sparse - O_dense|| / ||O_dense|| per layer. Mean over layers per "
         "window, then mean [95% bootstrap CI] over windows. Every method keeps exactly the same number of blocks "
         "(kept = budget, density = kept / causally valid blocks); 'free' counts the kept blocks beyond the forced "
@@ -587,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="tokens per window")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--ids", default=None, help="token ids [windows, length] saved with torch.save (.pt); "
+                   "replaces the essay windows (tokenize on a machine whose tokenizer is right)")
+    p.add_argument("--layers", type=comma_ints, default=None,
+                   help="measure only these layers, e.g. 5,11,17 (default: every plain-causal layer)")
     p.add_argument("--ablation", action="store_true", help="run the pre-registered ablation (docs/results.md)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--resume", action="store_true",
@@ -611,8 +672,14 @@ def main(argv: list[str] | None = None) -> int:
     windows = a.windows or (8 if cuda else 3)
     length = a.length or (8192 if cuda else 2048)
     out = Path(a.out or ("runs/ablation" if a.ablation else "runs/recall"))
-    res = run(out, configs, sparsities, windows, length, a.block_size, a.device, a.model, not a.no_progress, a.ablation,
-              resume=a.resume)
+    ids = None
+    if a.ids is not None:
+        ids = torch.load(a.ids)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+            ids = ids[None]
+    res = run(out, configs, sparsities, windows, length, a.block_size, a.device, a.model, not a.no_progress,
+              a.ablation, ids=ids, layers=a.layers, resume=a.resume)
+    windows, length = res["windows"], res["length"]
     if a.json:
         keep = {k: res[k] for k in ("summary", "windows", "length", "block_size", "sparsities", "environment")}
         if "ablation" in res:

