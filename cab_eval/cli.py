@@ -1,4 +1,4 @@
-"""The ``cab`` command: ``cab demo``, ``cab eval <command>``, ``cab bench <command>``.
+"""The ``cab`` command: ``cab demo``, ``cab eval <command>``, ``cab bench <command>``, ``cab train <command>``.
 
 Each command lives in its own module with a ``main(argv) -> int``; this file only lists and dispatches
 them. ``cab --help`` and ``cab <group> --help`` list the commands with one line each; a command's own
@@ -21,14 +21,21 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "passkey": ("cab_eval.evaluate.passkey", "Landmark passkey retrieval per selector and sparsity on a real model"),
         "recall": ("cab_eval.evaluate.recall", "attention mass each selector keeps per layer; --ablation runs the pre-registered set"),
         "ppl": ("cab_eval.evaluate.ppl", "perplexity per selector and sparsity (and speed on CUDA)"),
+        "ruler": ("cab_eval.evaluate.ruler_run", "RULER-style retrieval suite (NIAH, multi-key/value, variable tracking, CWE/FWE)"),
     },
     "bench": {
         "predictor": ("cab_eval.benchmark.predictor", "GPU timings of choosing the blocks (coarsen, score, select, mask)"),
         "attention": ("cab_eval.benchmark.attention", "GPU timings of dense baselines against block-sparse attention, end to end"),
+        "model": ("cab_eval.benchmark.model", "time to first token of a Llama-3-8B-shaped decoder, dense against hf.enable"),
+        "varlen": ("cab_eval.benchmark.varlen", "packed variable-length batches against dense varlen and padding"),
+        "distributed": ("cab_eval.benchmark.distributed", "context-parallel prefill (torchrun): all-to-all against attention time"),
         "summary": ("cab_eval.benchmark.summary", "the benchmarks page (markdown and plots) from a results CSV"),
     },
+    "train": {
+        "nsa": ("cab_eval.train_nsa", "a tiny LM with dense or NSA attention (NSA's own, cab or antidiagonal selection)"),
+    },
 }
-GROUP_HELP = {"eval": "accuracy evaluations", "bench": "GPU benchmarks"}
+GROUP_HELP = {"eval": "accuracy evaluations", "bench": "GPU benchmarks", "train": "training comparisons"}
 
 
 def usage(group: str | None = None) -> str:

