@@ -12,7 +12,11 @@ Backends:
   do not take it), as is float16 on CPU.
 * ``triton``: the block-sparse Triton kernel of :mod:`cab_attention.kernels.attention` (GQA-native,
   reads ``kv_num_blocks`` / ``kv_indices`` directly); CUDA, or CPU under ``TRITON_INTERPRET=1``.
-* ``auto``: ``flex`` on CUDA (``reference`` for float64), ``reference`` elsewhere.
+* ``auto`` (:func:`auto_backend`): ``triton`` on CUDA for float16/bfloat16/float32 where the kernel can
+  run (triton importable, block >= 16, D <= 256), else ``flex`` on CUDA (not float64), else
+  ``reference``. When ``auto`` would select the blocks itself (no ``selection=``) and the context is
+  shorter than :data:`AUTO_DENSE_BELOW` keys, it runs dense SDPA instead: the result is then *exact
+  dense attention* (no block is dropped), because below the break-even selecting costs more than it saves.
 
 Inputs are checked before anything runs: shapes and dtypes, NaN/inf in q, k, v (``check_finite``), and a
 given selection's grid and rows (every row must keep a causally valid block).
@@ -28,12 +32,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .geometry import BlockGrid, check_block_size, check_qkv
+from .geometry import BlockGrid, check_block_size, check_qkv, check_sparsity
 from .geometry import check_finite as check_finite_fn
+from .options import resolve_options
 from .select import select_blocks
 from .selection import BlockSelection
 
 BACKENDS = ("auto", "reference", "flex", "triton")
+
+#: ``backend="auto"`` without a given selection runs dense SDPA (exact dense attention) when the key
+#: length is below this many tokens: the measured break-even of select + sparse attention against
+#: cuDNN SDPA. 0 = off. It is off because no run has measured the break-even with the current kernels
+#: on the H200: docs/kernels.md (2026-12-04) times the attention kernel alone (7.1x cuDNN at 8k, 95%,
+#: no predictor), and the only end-to-end run (H100, 2026-11-25, docs/benchmarks.md: ~10k tokens) used
+#: FlexAttention and the previous predictor. The lead sets it from ``scripts/gpu_speed.sh``'s
+#: ``break-even`` line (``cab bench summary``), naming that run here.
+AUTO_DENSE_BELOW = 0
 
 
 class _Default:
@@ -180,6 +194,44 @@ def flex_attention_blocks(
     return out[:, :, front : front + g.q_len]
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _triton_kernel_runs(q: torch.Tensor, block_size: int) -> bool:
+    """Whether ``backend="triton"`` can run on these inputs (CUDA only: ``auto`` never picks the CPU
+    interpreter)."""
+    if not _on_cuda(q) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        from .kernels.attention import check_triton_available
+    except ImportError:  # no triton
+        return False
+    try:
+        check_triton_available(q, block_size)
+    except ValueError:
+        return False
+    return True
+
+
+def auto_backend(q: torch.Tensor, block_size: int) -> str:
+    """The backend ``backend="auto"`` runs for these inputs: ``"triton"`` on CUDA for float16, bfloat16
+    and float32 where the kernel can run (on an H200 it passed the 2x error rule in all three and ran at
+    1.9x FlexAttention's kept-tile rate at 64-token blocks: docs/kernels.md), else ``"flex"`` on CUDA
+    (not float64), else ``"reference"``."""
+    if _triton_kernel_runs(q, block_size):
+        return "triton"
+    if _on_cuda(q) and q.dtype != torch.float64:
+        return "flex"
+    return "reference"
+
+
+def auto_runs_dense(q: torch.Tensor, k: torch.Tensor, selection: BlockSelection | None) -> bool:
+    """Whether ``backend="auto"`` skips selection and runs exact dense attention: no selection given and
+    fewer than :data:`AUTO_DENSE_BELOW` keys (``k`` ``[B, Hkv, Nk, D]``)."""
+    return selection is None and k.shape[2] < AUTO_DENSE_BELOW
+
+
 def _check_selection(selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool):
     if not isinstance(selection, BlockSelection):
         raise ValueError(f"selection must be a BlockSelection from select_blocks, got {type(selection).__name__}")
@@ -221,8 +273,9 @@ def sparse_attention(
         check_finite: raise ``ValueError`` naming q, k or v when it holds NaN or inf (default). The check
             reads the three tensors once and syncs with the host once; pass ``False`` to skip it where the
             inputs are known to be finite (its cost is measured by ``scripts/gpu_house.py``).
-        backend: ``"auto"`` (flex for CUDA tensors FlexAttention takes, i.e. not float64; else
-            reference), ``"reference"``, ``"flex"`` or ``"triton"``.
+        backend: ``"auto"`` (:func:`auto_backend`: triton on CUDA where the kernel runs, else flex on
+            CUDA, else reference; without ``selection`` and below :data:`AUTO_DENSE_BELOW` keys, exact
+            dense SDPA instead), ``"reference"``, ``"flex"`` or ``"triton"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
             attention scale (default ``D**-0.5``).
 
@@ -246,7 +299,16 @@ def sparse_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "flex" if q.is_cuda and q.dtype != torch.float64 else "reference"
+        if auto_runs_dense(q, k, selection):
+            # The selection arguments are still checked: a bad one is an error at every length.
+            check_sparsity(0.9 if sparsity is DEFAULT else sparsity)
+            resolve_options("cab" if selector is DEFAULT else selector, options)
+            if not isinstance(causal, bool):
+                raise ValueError(f"causal must be True or False, got {causal!r}")
+            if check_finite:
+                check_finite_fn(q=q, k=k, v=v)
+            return dense_attention(q, k, v, causal=causal, scale=options.get("scale"))
+        backend = auto_backend(q, block_size)
     if backend == "flex":
         check_flex_available(q, block_size)
     scale = options.get("scale")
