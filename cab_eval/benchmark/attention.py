@@ -11,6 +11,12 @@ Per ``(N, B)``, in one process and on the same inputs:
   kernel tile ``BLOCK_M = BLOCK_N = 64``), ``@bs128`` selecting at 128 tokens (tile 128 x 64), and
   ``@merge128`` the 64-token selection merged into 128-token tiles (a tile runs when any of its four
   64-blocks was chosen: more tiles, faster ones); TFLOP/s count the computed tiles exactly;
+* with the Triton attention backend (``--attention-backends``, default ``flex,triton``; CUDA):
+  ``attention:cab-sparse[triton]`` (and ``@bs128``) the kernel alone over the same masks, and
+  ``total:<selector>[impl]+triton`` predictor plus kernel (no BlockMask) for ``cab`` and ``antidiagonal``
+  (its fused Triton estimator) at every block size and sparsity, at the headline sparsity also
+  ``cab[triton-bf16]`` and ``cab-default`` (the library's default options); the ``kept_tflops`` column is
+  the kept-tile rate (every kept tile whole), beside ``tflops`` (causal diagonal tiles at half);
 * ``total:<selector>[impl]``: predictor + BlockMask + attention in one call. ``[torch]`` is
   :func:`cab_attention.sparse_attention` as a user calls it; Triton implementations run
   ``kernels.predict``, ``kernels.block_mask`` and the library's compiled FlexAttention. CAB with the
@@ -36,8 +42,16 @@ import torch
 import torch.nn.functional as F
 
 from .cli import headline, run_cli
-from .implementations import bench_options, build_mask_fn, flex_runner, head_impl, merge_selection, total_fn
-from .inputs import dense_causal_flops, make_inputs, tile_flops
+from .implementations import (
+    bench_options,
+    build_mask_fn,
+    flex_runner,
+    head_impl,
+    merge_selection,
+    total_fn,
+    triton_runner,
+)
+from .inputs import dense_causal_flops, kept_flops, make_inputs, tile_flops
 from .io import CaseRecorder
 from .timing import free_memory
 
@@ -128,9 +142,16 @@ def sparse_cases(cfg, rec: CaseRecorder, q, k, v, n: int, batch: int, sparsities
                 make = lambda sel=sel: flex_runner(q, k, v, sel, build)  # noqa: E731
             else:
                 make = lambda sel=sel: (lambda: reference_attention(q, k, v, sel))  # noqa: E731
-            rec.measure(f"attention:cab-sparse{att_tag}{suffix}", n, batch, make, sparsity=s, block_size=bs,
-                        density=sel.density, flops=lambda sel=sel: tile_flops(sel))
-            if bs == main_bs and 2 * main_bs in cfg.block_sizes and cfg.cuda:
+            if "flex" in cfg.attention_backends:
+                rec.measure(f"attention:cab-sparse{att_tag}{suffix}", n, batch, make, sparsity=s, block_size=bs,
+                            density=sel.density, flops=lambda sel=sel: tile_flops(sel),
+                            kept_flops=lambda sel=sel: kept_flops(sel), backend=backend)
+            if "triton" in cfg.attention_backends:
+                rec.measure(f"attention:cab-sparse[triton]{suffix}", n, batch,
+                            lambda sel=sel: triton_runner(q, k, v, sel), sparsity=s, block_size=bs,
+                            density=sel.density, flops=lambda sel=sel: tile_flops(sel),
+                            kept_flops=lambda sel=sel: kept_flops(sel), backend="triton")
+            if bs == main_bs and 2 * main_bs in cfg.block_sizes and cfg.cuda and "flex" in cfg.attention_backends:
                 try:
                     merged = merge_selection(sel, 2)
                     rec.measure(f"attention:cab-sparse@merge{2 * main_bs}", n, batch,
@@ -160,13 +181,41 @@ def sparse_cases(cfg, rec: CaseRecorder, q, k, v, n: int, batch: int, sparsities
                     todo.append(("antidiagonal", "torch", main_bs))
         if "cab" not in cfg.selectors:
             todo = [t for t in todo if t[0] != "cab"]
+        if "flex" not in cfg.attention_backends:
+            todo = []
         for sel_name, impl, bs in todo:
             suffix = "" if bs == main_bs else f"@bs{bs}"
             rec.measure(f"total:{sel_name}[{impl}]{suffix}", n, batch,
                         lambda sel_name=sel_name, impl=impl, bs=bs: total_fn(
                             impl, sel_name, q, k, v, sparsity=s, block_size=bs, backend=backend),
-                        sparsity=s, block_size=bs)
+                        sparsity=s, block_size=bs, backend=backend)
+        if "triton" in cfg.attention_backends:
+            for sel_name, impl, bs in triton_totals(cfg, s == hs, n):
+                suffix = "" if bs == main_bs else f"@bs{bs}"
+                rec.measure(f"total:{sel_name}[{impl}]+triton{suffix}", n, batch,
+                            lambda sel_name=sel_name, impl=impl, bs=bs: total_fn(
+                                impl, sel_name, q, k, v, sparsity=s, block_size=bs, backend="triton"),
+                            sparsity=s, block_size=bs, backend="triton")
         free_memory(cfg.cuda)
+
+
+def triton_totals(cfg, headline_s: bool, n: int) -> list[tuple[str, str, int]]:
+    """``(selector, predictor implementation, block size)`` of the end-to-end cases with the Triton attention
+    kernel: at every sparsity ``cab`` (headline predictor) and ``antidiagonal`` (its fused Triton estimator
+    where the kernels run, else torch) at every block size; at the headline sparsity also ``cab`` with the
+    other Triton predictors (``triton-bf16``) and ``cab-default`` (the library's default options)."""
+    hi = head_impl(cfg.impls)
+    anti = "triton" if "triton" in cfg.impls else "torch"
+    out = []
+    for bs in cfg.block_sizes:
+        if "cab" in cfg.selectors:
+            out.append(("cab", hi, bs))
+            if headline_s:
+                out += [("cab", i, bs) for i in cfg.impls if i not in (hi, "torch")]
+                out.append(("cab-default", hi, bs))
+        if "antidiagonal" in cfg.selectors and (anti != "torch" or n <= cfg.max_antidiagonal_n):
+            out.append(("antidiagonal", anti, bs))
+    return out
 
 
 def run_group(cfg, rec: CaseRecorder, n: int, batch: int, sparsities: list[float]) -> None:

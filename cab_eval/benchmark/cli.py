@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .implementations import check_impls, head_impl, predictor_impls
+from .implementations import attention_unavailable, check_impls, head_impl, predictor_impls
 from .io import CaseRecorder, environment, write_results
 from .timing import Budget, free_memory, setup_torch
 
@@ -107,6 +107,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-antidiagonal-n", type=parse_sizes, default=[131072],
                    help="longest N at which the (fp32, O(N^2 D / 8)) antidiagonal predictor runs")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
+    p.add_argument("--attention-backends", type=parse_names, default=["flex", "triton"],
+                   help="sparse attention backends timed by `cab bench attention` (default flex,triton; the CPU "
+                        "dry run times reference, and triton only under TRITON_INTERPRET=1)")
+    p.add_argument("--graph-max-n", type=parse_sizes, default=[16384],
+                   help="longest N at which `cab bench predictor` times the CUDA-graph predictor (default 16k)")
     return p
 
 
@@ -138,6 +143,8 @@ class Config:
     max_antidiagonal_n: int
     seed: int
     env: dict[str, str] = field(default_factory=dict)
+    attention_backends: list[str] = field(default_factory=list)
+    graph_max_n: int = 16384
 
 
 def resolve(args: argparse.Namespace, prog: str) -> Config | None:
@@ -161,7 +168,9 @@ def resolve(args: argparse.Namespace, prog: str) -> Config | None:
         return None
     from cab_attention import SELECTORS
 
-    bad = [s for s in args.selectors if s not in SELECTORS]
+    from .implementations import BENCH_ALIASES
+
+    bad = [s for s in args.selectors if s not in SELECTORS and s not in BENCH_ALIASES]
     if bad:
         print(f"{prog}: unknown selector(s) {bad}; choose from {SELECTORS}", file=sys.stderr)
         return None
@@ -180,6 +189,17 @@ def resolve(args: argparse.Namespace, prog: str) -> Config | None:
     dtype = DTYPES[args.dtype]
     if not cuda and dtype == torch.float16:
         dtype = torch.float32
+    bad = [b for b in args.attention_backends if b not in ("flex", "triton")]
+    if bad:
+        print(f"{prog}: --attention-backends takes flex and/or triton, got {bad}", file=sys.stderr)
+        return None
+    attention_backends = []
+    for b in args.attention_backends:
+        why = attention_unavailable(b, "cuda" if cuda else "cpu")
+        if b == "flex" or why is None:  # flex stands for the reference backend in the CPU dry run
+            attention_backends.append(b)
+        else:
+            print(f"{prog}: attention backend {b} not run: {why}", file=sys.stderr)
     impls, notes = predictor_impls(args.impl, "cuda" if cuda else "cpu")
     impls = sorted(impls, key=lambda i: i != head_impl(impls))  # the headline implementation first
     if not impls:
@@ -194,13 +214,15 @@ def resolve(args: argparse.Namespace, prog: str) -> Config | None:
         head_dim=head_dim, dtype=dtype, warmup=args.warmup, rep=args.rep,
         budget=Budget(args.budget_s, args.warmup, args.rep), csv_path=csv_path, out_dir=args.out_dir, fresh=args.fresh,
         plots=not args.no_plots, max_antidiagonal_n=max(args.max_antidiagonal_n), seed=args.seed, env=env,
+        attention_backends=attention_backends, graph_max_n=max(args.graph_max_n),
     )
 
 
 def header(cfg: Config, what: str) -> str:
     impls = ", ".join(f"{k}: {v}" for k, v in cfg.impl_notes.items())
     timer = "triton do_bench median (CUDA events)" if cfg.cuda else "HOST TIMER on CPU (not a result)"
-    return (f"cab bench {what}: {cfg.env['device']}, torch {cfg.env['torch']}, {cfg.env['date']}\n"
+    return (f"cab bench {what}: {cfg.env['device']}, torch {cfg.env['torch']}, triton {cfg.env.get('triton', '?')}, "
+            f"{cfg.env['date']}\n"
             f"  timer: {timer}; warmup {cfg.warmup} ms, rep {cfg.rep} ms; dtype {str(cfg.dtype).replace('torch.', '')}\n"
             f"  shape: Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim}; N={cfg.n}; batch sweep B={cfg.batches} at N={cfg.batch_n}\n"
             f"  predictor implementations: {impls}\n"

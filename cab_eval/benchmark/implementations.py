@@ -87,11 +87,23 @@ def head_impl(impls) -> str:
     return next((i for i in impls if i != "torch"), "torch")
 
 
+#: Benchmark selector names that are not library selectors: ``cab-default`` is ``cab`` with the
+#: library's default options (what the issue's targets name), beside ``cab`` with the named configuration
+#: of :func:`bench_options` (comparable with earlier recorded rows).
+BENCH_ALIASES = {"cab-default": "cab"}
+
+
+def library_selector(name: str) -> str:
+    """The :func:`cab_attention.select_blocks` selector behind a benchmark selector name."""
+    return BENCH_ALIASES.get(name, name)
+
+
 def bench_options(selector: str) -> dict[str, Any]:
     """Selector options every benchmark case uses: for ``cab`` the named configuration
     :data:`cab_attention.options.FORMAN_KEEP_LOWEST_MAXL2` (augmented Forman, keep
     lowest, max-L2), spelled out so that the recorded figures stay comparable when library defaults
-    move. The default triangle proxy needs the same ``A @ A`` and costs the same within noise."""
+    move. The default triangle proxy needs the same ``A @ A`` and costs the same within noise.
+    ``cab-default``: no options (the library's defaults)."""
     from cab_attention.options import FORMAN_KEEP_LOWEST_MAXL2
 
     return dict(FORMAN_KEEP_LOWEST_MAXL2) if selector == "cab" else {}
@@ -103,14 +115,64 @@ def predict_fn(impl: str, selector: str, q, k, *, sparsity: float, block_size: i
     from cab_attention import select_blocks
 
     opts = bench_options(selector)
+    selector = library_selector(selector)
     if impl == "torch":
         return lambda: select_blocks(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True, **opts)
     mod = _kernels_module()
+    if selector == "antidiagonal":
+        # The fused estimator (kernels/antidiagonal.py). Half inputs multiply natively on tensor cores
+        # whatever the precision option, so only the exact ``triton`` implementation runs it.
+        if impl != "triton" or not callable(getattr(mod, "predict_antidiagonal", None)):
+            return None
+        return lambda: mod.predict_antidiagonal(q, k, sparsity=sparsity, block_size=block_size, causal=True)
     if selector not in getattr(mod, "SUPPORTED_SELECTORS", ("cab",)):
         return None
     kw = dict(IMPL_OPTIONS[impl] or {})
     return lambda: mod.predict(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=True,
                                **opts, **kw)
+
+
+def graphed_fn(impl: str, selector: str, q, k, *, sparsity: float, block_size: int) -> Callable[[], Any] | None:
+    """The same predictor through :func:`cab_attention.kernels.predict_graphed` (one CUDA graph per
+    shape and options); ``None`` where it does not apply (torch, or a selector it does not capture)."""
+    if impl == "torch" or not callable(getattr(_kernels_module(), "predict_graphed", None)):
+        return None
+    if library_selector(selector) == "antidiagonal" and impl != "triton":
+        return None
+    if library_selector(selector) not in ("cab", "magnitude", "antidiagonal"):
+        return None
+    mod = _kernels_module()
+    opts = bench_options(selector)
+    if library_selector(selector) != "antidiagonal":
+        opts.update(IMPL_OPTIONS[impl] or {})
+    return lambda: mod.predict_graphed(q, k, selector=library_selector(selector), sparsity=sparsity,
+                                       block_size=block_size, causal=True, **opts)
+
+
+def attention_unavailable(backend: str, device: str) -> str | None:
+    """Why an attention backend of the benchmarks cannot run here, or ``None``: ``triton`` needs CUDA (or
+    the CPU interpreter, ``TRITON_INTERPRET=1``), ``flex`` CUDA (the CPU dry run uses ``reference``)."""
+    if backend == "triton":
+        try:
+            from cab_attention.kernels import attention as A
+        except Exception as e:  # noqa: BLE001 - no triton
+            return f"the Triton attention kernel does not import: {type(e).__name__}: {e}"
+        interp = A._interpreting()
+        if device == "cuda" and interp:
+            return "TRITON_INTERPRET=1 is set"
+        if device == "cpu" and not interp:
+            return "on CPU the kernel runs only under TRITON_INTERPRET=1"
+        return None
+    if backend == "flex" and device != "cuda":
+        return "the CPU dry run times the reference backend"
+    return None
+
+
+def triton_runner(q, k, v, selection) -> Callable[[], torch.Tensor]:
+    """The block-sparse Triton kernel alone over a selection (``backend="triton"``, default tiles)."""
+    from cab_attention.kernels.attention import triton_attention_blocks
+
+    return lambda: triton_attention_blocks(q, k, v, selection)
 
 
 def build_mask_fn(impl: str) -> Callable[[Any], Any]:
@@ -161,16 +223,23 @@ def total_fn(impl: str, selector: str, q, k, v, *, sparsity: float, block_size: 
     """Predictor + BlockMask + attention in one call. torch: the public
     :func:`cab_attention.sparse_attention`, exactly what a user runs. Triton: ``kernels.predict``, then
     ``kernels.block_mask`` and the library's compiled FlexAttention (what the kernels make possible;
-    :func:`cab_attention.sparse_attention` with a given selection would rebuild the mask the torch way).
+    :func:`cab_attention.sparse_attention` with a given selection would rebuild the mask the torch way);
+    with ``backend="triton"`` the predictor's selection goes straight to the Triton attention kernel.
     ``None`` when the implementation does not cover the selector."""
     from cab_attention import sparse_attention
 
     if impl == "torch":
-        return lambda: sparse_attention(q, k, v, selector=selector, sparsity=sparsity, block_size=block_size,
-                                        causal=True, backend=backend)
+        opts = bench_options(selector)
+        return lambda: sparse_attention(q, k, v, selector=library_selector(selector), sparsity=sparsity,
+                                        block_size=block_size, causal=True, backend=backend, **opts)
     pf = predict_fn(impl, selector, q, k, sparsity=sparsity, block_size=block_size)
     if pf is None:
         return None
+    if backend == "triton":
+        # The kernel reads kv_num_blocks / kv_indices directly: no BlockMask to build.
+        from cab_attention.kernels.attention import triton_attention_blocks
+
+        return lambda: triton_attention_blocks(q, k, v, pf())
     build = build_mask_fn(impl)
     from cab_attention import execute as E
 

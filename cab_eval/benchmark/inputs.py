@@ -2,7 +2,8 @@
 
 Inputs are random q ``[B, Hq, N, D]``, k and v ``[B, Hkv, N, D]`` in the benchmark dtype, reproducible
 from ``--seed``, N and B. FLOPs: the attention tiles a selection computes, counted exactly
-(:func:`tile_flops`), and dense causal attention per token pair (:func:`dense_causal_flops`).
+(:func:`tile_flops`), the kept tiles counted whole for the kept-tile rate (:func:`kept_flops`), and dense
+causal attention per token pair (:func:`dense_causal_flops`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def tile_flops(selection) -> float:
         d = g.diagonal(m.device)
         diag = m.gather(-1, d.view(1, 1, -1, 1).expand(m.shape[0], m.shape[1], -1, 1)).sum().item()
     return 4.0 * bs * bs * g.head_dim * (kept - 0.5 * diag)
+
+
+def kept_flops(selection) -> float | None:
+    """FLOPs of the kept tiles, each counted whole (``4 bs^2 D`` per kept tile and query head): the
+    numerator of the *kept-tile rate* that the speed targets name. The formula's home is
+    :func:`cab_attention.kernels.attention.kept_tile_flops`; ``None`` where it does not import (no triton)."""
+    try:
+        from cab_attention.kernels.attention import kept_tile_flops
+    except ImportError:
+        return None
+    return kept_tile_flops(selection.kv_num_blocks, selection.grid, selection.shared_kv)
 
 
 def dense_causal_flops(batch: int, heads: int, n: int, head_dim: int) -> float:

@@ -1,7 +1,10 @@
 """The benchmarks' results: one CSV row per measured case, and the recorder that measures and keeps them.
 
 The CSV has the columns ``case,n,batch,heads,kv_heads,head_dim,sparsity,ms,peak_mb,device,torch,date``
-first and then ``block_size,density,tflops,status``. Case names are
+first and then ``block_size,density,tflops,status,triton,backend,kept_tflops`` (``triton``: its version,
+``none`` without it; ``backend``: the attention backend of ``attention:``/``total:`` rows; ``kept_tflops``:
+the kept-tile rate, every kept tile counted whole, where ``tflops`` counts a causal diagonal tile at half).
+Case names are
 ``<kind>:<method>[<impl>][:<stage>][@<variant>]``:
 
 * ``predictor:cab[torch]`` everything before the attention kernel (coarsen, score, select, and the
@@ -9,6 +12,11 @@ first and then ``block_size,density,tflops,status``. Case names are
 * ``attention:sdpa-flash|sdpa-cudnn|flex-dense`` dense causal baselines, ``attention:cab-sparse`` the
   FlexAttention kernel alone over CAB's mask;
 * ``total:<selector>[impl]`` predictor plus attention in one call, as a user runs it;
+* ``attention:cab-sparse[triton]`` the Triton block-sparse kernel alone (``backend="triton"``);
+  ``total:<selector>[impl]+triton`` predictor plus the Triton kernel (no BlockMask); plain ``total:``
+  rows run FlexAttention; ``predictor:<selector>[triton-graph]`` the Triton predictor through one CUDA
+  graph per shape (:func:`cab_attention.kernels.predict_graphed`); ``cab-default`` is ``cab`` with the
+  library's default options (``cab`` rows use a named configuration: see ``implementations.bench_options``);
 * ``[torch]`` or ``[triton]`` names the predictor implementation that ran; ``@bs128`` selection at 128
   tokens, ``@merge128`` a 64-token selection merged into 128-token tiles (see
   :mod:`cab_eval.benchmark.attention`).
@@ -39,6 +47,7 @@ from .timing import bench_ms, free_memory, is_oom, peak_mb, sync
 COLUMNS = [
     "case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity", "ms", "peak_mb",
     "device", "torch", "date", "block_size", "density", "tflops", "status",
+    "triton", "backend", "kept_tflops",
 ]
 KEY = ("case", "n", "batch", "heads", "kv_heads", "head_dim", "sparsity")
 
@@ -55,12 +64,20 @@ def environment(cuda: bool) -> dict[str, str]:
     else:
         name = f"cpu ({platform.machine() or 'unknown'}) host timer"
         slug = "cpu-tiny"
-    return {"device": name, "slug": slug, "torch": torch.__version__, "date": _dt.date.today().isoformat()}
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:  # noqa: BLE001 - no triton: the column says so
+        triton_v = "none"
+    return {"device": name, "slug": slug, "torch": torch.__version__, "triton": triton_v,
+            "date": _dt.date.today().isoformat()}
 
 
 def row(cfg: Any, case: str, n: int, batch: int, *, sparsity: float | None = None, ms: float | None = None,
         peak: float | None = None, block_size: int | None = None, density: float | None = None,
-        tflops: float | None = None, status: str = "ok") -> dict[str, Any]:
+        tflops: float | None = None, status: str = "ok", backend: str | None = None,
+        kept_tflops: float | None = None) -> dict[str, Any]:
     def f(x, nd):
         return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
@@ -69,7 +86,8 @@ def row(cfg: Any, case: str, n: int, batch: int, *, sparsity: float | None = Non
         "head_dim": cfg.head_dim, "sparsity": "" if sparsity is None else sparsity, "ms": f(ms, 4),
         "peak_mb": f(peak, 1), "device": cfg.env["device"], "torch": cfg.env["torch"], "date": cfg.env["date"],
         "block_size": "" if block_size is None else block_size, "density": f(density, 4),
-        "tflops": f(tflops, 1), "status": status,
+        "tflops": f(tflops, 1), "status": status, "triton": cfg.env.get("triton", ""),
+        "backend": backend or "", "kept_tflops": f(kept_tflops, 1),
     }
 
 
@@ -92,12 +110,17 @@ class CaseRecorder:
     def measure(self, case: str, n: int, batch: int, make_fn: Callable[[], Callable[[], Any] | None], *,
                 sparsity: float | None = None, block_size: int | None = None, density: float | None = None,
                 flops: float | Callable[[], float] | None = None, memory: bool = True,
-                budget_key: str | None = None) -> float | None:
+                budget_key: str | None = None, backend: str | None = None,
+                kept_flops: float | Callable[[], float | None] | None = None,
+                check: Callable[[Any], str | None] | None = None) -> float | None:
         """Time ``make_fn()()``; return ms (or ``None`` on skip/failure). ``make_fn`` builds the callable
-        (so that its setup errors are caught too); it may return ``None`` to mean "not applicable"."""
+        (so that its setup errors are caught too); it may return ``None`` to mean "not applicable".
+        ``flops`` gives the ``tflops`` column, ``kept_flops`` the ``kept_tflops`` column (the kept-tile
+        rate); ``check(output of the warm-up call)`` returns ``None`` when the output is right, else why
+        not, which becomes the row's status (the time is still recorded, but the row is not ``ok``)."""
         cfg = self.cfg
         key = budget_key or case
-        kw = dict(sparsity=sparsity, block_size=block_size)
+        kw = dict(sparsity=sparsity, block_size=block_size, backend=backend)
         if not cfg.budget.allows(key, n, batch):
             self.skip(case, n, batch, "budget", **kw)
             return None
@@ -109,6 +132,7 @@ class CaseRecorder:
                 return None
             out = fn()  # warm-up: compiles, autotunes, allocates
             sync(cfg.cuda)
+            bad = check(out) if check is not None else None
             del out
             warm_s = time.monotonic() - t0
             peak = peak_mb(fn, cfg) if memory else None
@@ -125,9 +149,14 @@ class CaseRecorder:
         cfg.budget.record(key, n, batch, warm_s, ms)
         fl = flops() if callable(flops) else flops
         tf = fl / (ms * 1e-3) / 1e12 if (fl and ms > 0) else None
-        self.rows.append(row(cfg, case, n, batch, ms=ms, peak=peak, density=density, tflops=tf, **kw))
+        kfl = kept_flops() if callable(kept_flops) else kept_flops
+        ktf = kfl / (ms * 1e-3) / 1e12 if (kfl and ms > 0) else None
+        self.rows.append(row(cfg, case, n, batch, ms=ms, peak=peak, density=density, tflops=tf, kept_tflops=ktf,
+                             status="ok" if bad is None else f"mismatch: {bad}", **kw))
         extra = f" peak={peak:8.1f} MiB" if peak is not None else ""
         extra += f" {tf:6.1f} TFLOP/s" if tf is not None else ""
+        extra += f" kept {ktf:6.1f} TFLOP/s" if ktf is not None else ""
+        extra += f" MISMATCH {bad}" if bad is not None else ""
         extra += f" density={density:.4f}" if density is not None else ""
         s = "" if sparsity is None else f"{sparsity:g}"
         self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} s={s:5s} {ms:10.4f} ms{extra}  [warm {warm_s:.1f} s, "

@@ -12,6 +12,11 @@ runs on this machine):
   pipeline at the headline sparsity (the antidiagonal scorer runs in float32 at O(N^2 D / stride); it
   stops at ``--max-antidiagonal-n``).
 
+* ``predictor:antidiagonal[triton]``: the fused Triton estimator (:mod:`cab_attention.kernels.antidiagonal`);
+* ``predictor:<selector>[<impl>-graph]`` (CUDA, N <= ``--graph-max-n``): the Triton predictor through a
+  CUDA graph (:func:`cab_attention.kernels.predict_graphed`), its selection checked equal to the eager one
+  (status ``mismatch`` otherwise).
+
 Batch-sweep groups measure ``predictor:cab`` and ``predictor:magnitude`` only.
 
 Usage: ``cab bench predictor [--n 1k,...,128k] [--budget-s 120] [--dry-run]`` (see ``--help``).
@@ -22,7 +27,7 @@ from __future__ import annotations
 import sys
 
 from .cli import headline, run_cli
-from .implementations import build_mask_fn, predict_fn, stage_fns
+from .implementations import build_mask_fn, graphed_fn, predict_fn, stage_fns
 from .inputs import make_inputs
 from .io import CaseRecorder
 from .timing import free_memory
@@ -41,13 +46,13 @@ def run_group(cfg, rec: CaseRecorder, n: int, batch: int, sparsities: list[float
             stage_breakdown(cfg, rec, impl, q, k, n, batch, [hs], main_bs)
         build = build_mask_fn(impl)
         for sel_name in cfg.selectors:
-            if sel_name == "antidiagonal" and n > cfg.max_antidiagonal_n:
-                if impl == "torch":
-                    rec.skip(f"predictor:{sel_name}{tag}", n, batch, "N > --max-antidiagonal-n", sparsity=hs,
-                             block_size=main_bs)
+            if sel_name == "antidiagonal" and n > cfg.max_antidiagonal_n and impl == "torch":
+                # the O(N^2 D / stride) torch estimator stops here; the fused kernel runs at every N
+                rec.skip(f"predictor:{sel_name}{tag}", n, batch, "N > --max-antidiagonal-n", sparsity=hs,
+                         block_size=main_bs)
                 continue
             plan_s = [(bs, s) for s in (sparsities if sel_name == "cab" else [hs]) for bs in [main_bs]]
-            if sel_name == "cab":
+            if sel_name in ("cab", "cab-default", "antidiagonal"):
                 plan_s += [(bs, hs) for bs in cfg.block_sizes[1:]]
             for bs, s in plan_s:
                 suffix = "" if bs == main_bs else f"@bs{bs}"
@@ -57,8 +62,39 @@ def run_group(cfg, rec: CaseRecorder, n: int, batch: int, sparsities: list[float
                 rec.measure(f"predictor:{sel_name}{tag}{suffix}", n, batch,
                             lambda pf=pf: (lambda: build(pf())), sparsity=s, block_size=bs)
             free_memory(cfg.cuda)
+    if cfg.cuda and n <= cfg.graph_max_n and not light:
+        graphed_cases(cfg, rec, q, k, n, batch, hs)
     del q, k
     free_memory(cfg.cuda)
+
+
+def same_selection(a, b) -> str | None:
+    """``None`` when two selections keep the same blocks in the same layout, else what differs."""
+    if a.kv_num_blocks.shape != b.kv_num_blocks.shape:
+        return f"shapes {tuple(a.kv_num_blocks.shape)} vs {tuple(b.kv_num_blocks.shape)}"
+    rows = (a.kv_num_blocks != b.kv_num_blocks) | (a.kv_indices != b.kv_indices).any(-1)
+    bad = int(rows.sum())
+    return None if bad == 0 else f"{bad} of {rows.numel()} rows differ from the eager predictor"
+
+
+def graphed_cases(cfg, rec: CaseRecorder, q, k, n: int, batch: int, s: float) -> None:
+    """``predictor:<selector>[<impl>-graph]``: the Triton predictor through one CUDA graph per shape
+    (:func:`cab_attention.kernels.predict_graphed`) plus the BlockMask, at the headline sparsity and every
+    block size, for ``cab`` (each Triton implementation) and ``antidiagonal``. The graphed selection is
+    compared with the eager one on the same inputs; a difference makes the row's status ``mismatch``."""
+    for impl in [i for i in cfg.impls if i != "torch"]:
+        build = build_mask_fn(impl)
+        for sel_name in [x for x in cfg.selectors if x in ("cab", "antidiagonal")]:
+            for bs in cfg.block_sizes:
+                gf = graphed_fn(impl, sel_name, q, k, sparsity=s, block_size=bs)
+                pf = predict_fn(impl, sel_name, q, k, sparsity=s, block_size=bs)
+                if gf is None or pf is None:
+                    continue
+                suffix = "" if bs == cfg.block_sizes[0] else f"@bs{bs}"
+                rec.measure(f"predictor:{sel_name}[{impl}-graph]{suffix}", n, batch,
+                            lambda gf=gf: (lambda: build(gf())), sparsity=s, block_size=bs,
+                            check=lambda _out, gf=gf, pf=pf: same_selection(gf(), pf()))
+            free_memory(cfg.cuda)
 
 
 def stage_breakdown(cfg, rec: CaseRecorder, impl: str, q, k, n: int, batch: int, sparsities, bs: int) -> None:
