@@ -9,7 +9,8 @@ logits, as a server computes them), once per variant:
 * ``dense:sdpa-cudnn`` and ``dense:sdpa``: the model's own SDPA attention, under the cuDNN backend and
   under PyTorch's default choice;
 * ``sparse:<selector>[<backend>]``: :func:`cab_attention.hf.enable` with each ``--selectors`` entry and
-  each ``--backends`` entry at ``--sparsity`` and ``--block-size``;
+  each ``--backends`` entry at ``--sparsity`` and ``--block-size`` (``/<impl>`` appended for each
+  ``--impls`` entry other than ``torch``: the predictor implementation, ``select_blocks(impl=...)``);
 * ``none``: an attention function that returns zeros, so that ``time - none`` is the attention's share
   of the forward (projections, MLPs, norms and the embedding stay in ``none``).
 
@@ -19,7 +20,7 @@ effective block density counted by :func:`cab_attention.hf.record`, and the peak
 runs a tiny config on the CPU (host timers, for testing the harness only).
 
 Usage: ``cab bench model [--n 32k,64k,128k] [--layers 4] [--selectors antidiagonal,cab]
-[--backends flex] [--sparsity 0.95] [--block-size 64] [--out runs/bench-model] [--dry-run]``.
+[--backends flex] [--impls torch] [--sparsity 0.95] [--block-size 64] [--out runs/bench-model] [--dry-run]``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.add_argument("--selectors", type=_names, default=["antidiagonal", "cab"], help="comma list of selectors")
     p.add_argument("--backends", type=_names, default=["flex"], help="comma list of cab backends (flex, triton, ...)")
+    p.add_argument("--impls", type=_names, default=["torch"],
+                   help="comma list of predictor implementations passed as select_blocks(impl=...): torch, triton")
     p.add_argument("--sparsity", type=float, default=0.95)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (median reported)")
@@ -206,22 +209,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         group.append(measure("dense:sdpa", "dense", "sdpa", impl("sdpa")))
         for sel in args.selectors:
             for backend in args.backends:
-                densities: dict[str, Any] = {}
+                for pimpl in args.impls:
+                    densities: dict[str, Any] = {}
 
-                def sparse(sel=sel, backend=backend, densities=densities):
-                    import contextlib
+                    def sparse(sel=sel, backend=backend, densities=densities, pimpl=pimpl):
+                        import contextlib
 
-                    impl("sdpa")()
-                    hf.enable(model, selector=sel, sparsity=args.sparsity, block_size=args.block_size, backend=backend)
-                    stack = contextlib.ExitStack()
-                    rec = stack.enter_context(hf.record(model))
-                    densities["rec"] = rec
-                    return stack
+                        impl("sdpa")()
+                        extra = {} if pimpl == "torch" else {"impl": pimpl}
+                        hf.enable(model, selector=sel, sparsity=args.sparsity, block_size=args.block_size,
+                                  backend=backend, **extra)
+                        stack = contextlib.ExitStack()
+                        rec = stack.enter_context(hf.record(model))
+                        densities["rec"] = rec
+                        return stack
 
-                row = measure(f"sparse:{sel}[{backend}]", sel, backend, sparse)
-                rec = densities.get("rec")
-                row["density"] = None if rec is None or rec.density is None else round(rec.density, 4)
-                group.append(row)
+                    # variant names: sparse:<selector>[<attention backend>], + "/<impl>" for a non-torch predictor
+                    variant = f"sparse:{sel}[{backend}]" + ("" if pimpl == "torch" else f"/{pimpl}")
+                    row = measure(variant, sel, backend, sparse)
+                    row["impl"] = pimpl
+                    rec = densities.get("rec")
+                    row["density"] = None if rec is None or rec.density is None else round(rec.density, 4)
+                    group.append(row)
         if hf.settings_of(model) is not None:
             hf.disable(model)
         none = next((r["ms"] for r in group if r["variant"] == "none"), None)
@@ -241,7 +250,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-FIELDS = ["date", "device", "torch", "triton", "n", "layers", "variant", "selector", "backend", "sparsity",
+FIELDS = ["date", "device", "torch", "triton", "n", "layers", "variant", "selector", "backend", "impl", "sparsity",
           "block_size", "density", "ms", "attention_ms", "attention_share", "speedup_forward",
           "speedup_attention", "peak_gib", "status"]
 

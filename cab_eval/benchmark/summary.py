@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import speed_report
 from .io import read_csv
 from .plots import make_plots, ok_rows, pick_impl
 
@@ -139,8 +140,11 @@ def verdict(ok):
     return "not measured" if ok is None else ("**met**" if ok else "**not met**")
 
 
-def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | None = None) -> str:
-    """The markdown page; ``command`` is the command line that regenerates it (stated in the page)."""
+def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | None = None,
+           previous_rows=None, plot_dir: Path | None = None) -> str:
+    """The markdown page; ``command`` is the command line that regenerates it (stated in the page);
+    ``previous_rows`` (an earlier run's CSV rows) feed the regression table; ``plot_dir`` receives the
+    kept-tile-rate plot (none when ``None``)."""
     rows = ok_rows(all_rows)
     first = all_rows[0] if all_rows else {}
     device, torch_v, date = first.get("device", "?"), first.get("torch", "?"), first.get("date", "?")
@@ -319,6 +323,11 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
                     body.append(r)
         md.append(table(hdr, body))
 
+    speed = speed_report.sections(rows, ok_rows(previous_rows or []), plot_dir,
+                                  lambda p: os.path.relpath(p, out_path.parent))
+    if speed:
+        md.append(speed)
+
     if plot_paths:
         md.append("## Plots\n")
         for p in plot_paths:
@@ -354,6 +363,12 @@ def compact(all_rows) -> str:
         if other != impl:
             lines.append(f"  [{other}]: " + "; ".join(f"{c.split(' [')[0]} ({verdict(ok).strip('*')})"
                                                     for _, _, c, ok in targets(rows, other)))
+    if speed_report.has_speed_rows(rows):
+        lines.append("issue 9 targets (128k, 95%):")
+        for t in speed_report.targets_for([i for i in ("triton", "triton-bf16")
+                                           if any(r["case"] == f"predictor:cab-default[{i}]" for r in rows)] or ["triton"]):
+            text, ok = speed_report.measure_target(rows, t)
+            lines.append(f"  {verdict(ok).strip('*'):12s} {t.label} (goal {speed_report.goal_text(t)}): {text}")
     bad = [r for r in all_rows if not r.get("status", "ok").startswith("ok")]
     if bad:
         lines.append(f"skipped/failed cases: {len(bad)} (see the CSV status column)")
@@ -368,6 +383,22 @@ def newest_csv(folder: Path) -> Path | None:
     return (gpu or files or [None])[0]
 
 
+def previous_csv(csv_path: Path, rows) -> Path | None:
+    """The newest CSV beside ``csv_path`` with an earlier date than its rows (GPU CSVs only, unless
+    ``csv_path`` itself is a CPU dry run), for the regression table."""
+    today = min((r.get("date", "") for r in rows), default="")
+    cpu = csv_path.name.startswith("cpu-")
+    best = None
+    for p in csv_path.parent.glob("*.csv"):
+        if p.resolve() == csv_path.resolve() or (p.name.startswith("cpu-") and not cpu):
+            continue
+        prev = read_csv(p)
+        date = max((r.get("date", "") for r in prev), default="")
+        if prev and date < today and (best is None or date > best[0]):
+            best = (date, p)
+    return None if best is None else best[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cab bench summary", description=__doc__.split("\n\n")[0].strip('"'))
     ap.add_argument("--csv", type=Path, default=None,
@@ -377,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots-dir", type=Path, default=None, help="where the PNGs go (default: beside the CSV)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--compact", action="store_true", help="print a short table instead of writing the page")
+    ap.add_argument("--previous", type=Path, default=None,
+                    help="an earlier run's CSV for the regression table (default: the newest other GPU CSV beside "
+                         "--csv whose date is earlier; 'none' for no regression table)")
     args = ap.parse_args(argv)
     csv_path = args.csv or newest_csv(Path("runs/bench")) or newest_csv(Path("results/benchmarks"))
     if csv_path is None or not Path(csv_path).exists():
@@ -402,7 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --plots-dir {args.plots_dir}"
     if args.no_plots:
         command += " --no-plots"
-    args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command))
+    previous = None
+    if args.previous is None:
+        previous = previous_csv(Path(csv_path), all_rows)
+    elif str(args.previous) != "none":
+        previous = args.previous
+    prev_rows = read_csv(previous) if previous else []
+    if previous:
+        command += f" --previous {previous}"
+    plot_dir = None if args.no_plots else (args.plots_dir or Path(csv_path).parent)
+    args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command, prev_rows, plot_dir))
     print(f"summary: wrote {args.out} from {csv_path}")
     return 0
 
