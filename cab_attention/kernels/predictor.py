@@ -391,11 +391,47 @@ def predict(
     return BlockSelection(mask, num, idx, grid, selector, share_kv)
 
 
+#: ``select_blocks(..., impl="triton")`` replays a CUDA graph (:func:`cab_attention.kernels.graphs.predict_graphed`)
+#: for CUDA inputs with at most this many keys, where the options are capturable (fixed sparsity, no
+#: diagnostics). 0 = off: the graphed path has not yet been checked equal to the eager one on a GPU. The
+#: check is ``scripts/gpu_speed.sh`` (``predictor:*[*-graph]`` rows, status ``mismatch`` on any
+#: difference); once every such row is ``ok``, set this to the longest N measured there (16k) and name the run.
+GRAPH_MAX_KEYS = 0
+
+
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
+def graph_options(selector: str, opts: dict[str, Any]) -> dict[str, Any] | None:
+    """The :func:`predict_graphed` keyword options for a resolved ``select_blocks`` call, or ``None`` when the
+    call is not capturable (adaptive ``threshold``, diagnostics, a selector without a graphed path)."""
+    if opts.get("threshold") is not None or opts.get("return_diagnostics"):
+        return None
+    if selector == "antidiagonal":
+        names = ("stride", "scale", "share_kv")
+    elif selector == "cab":
+        names = ("score", "keep", "lam", "norm", "hybrid", "scale", "coarsen", "share_kv")
+    elif selector == "magnitude":
+        names = ("scale", "coarsen", "share_kv")
+    else:
+        return None
+    return {name: opts[name] for name in names if name in opts}
+
+
 def select_blocks_triton(
     q: torch.Tensor, k: torch.Tensor, *, selector: str, sparsity: float, block_size: int, causal: bool,
     opts: dict[str, Any],
 ) -> BlockSelection:
-    """``select_blocks(..., impl="triton")`` after :func:`cab_attention.options.resolve_options`."""
+    """``select_blocks(..., impl="triton")`` after :func:`cab_attention.options.resolve_options`. Short CUDA
+    inputs (at most :data:`GRAPH_MAX_KEYS` keys) replay a CUDA graph of the same kernels."""
+    if _on_cuda(q) and k.shape[2] <= GRAPH_MAX_KEYS and opts.get("edges", "causal") == "causal":
+        gopts = graph_options(selector, opts)
+        if gopts is not None:
+            from .graphs import predict_graphed
+
+            return predict_graphed(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=causal,
+                                   **gopts)
     if selector == "antidiagonal":  # its own fused kernel (kernels/antidiagonal.py), adaptive mode too
         from .antidiagonal import predict_antidiagonal
 
