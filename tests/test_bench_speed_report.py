@@ -131,3 +131,23 @@ def test_summary_page_has_the_speed_sections(tmp_path):
         assert want in page, want
     assert (folder / "nvidia-h200-2026-12-04-kept-rate.png").exists()
     assert summary.main(["--csv", str(folder / "nvidia-h200-2026-12-04.csv"), "--compact"]) == 0
+
+
+def test_recorder_writes_after_every_row_and_marks_mismatches(tmp_path):
+    """A run killed mid-group keeps every finished case; a failed output check is not an ok row."""
+    from types import SimpleNamespace
+
+    from cab_eval.benchmark.timing import Budget
+
+    cfg = SimpleNamespace(heads=1, kv_heads=1, head_dim=8, cuda=False, warmup=1, rep=1, budget=Budget(None),
+                          env={"device": "cpu host timer", "torch": "x", "triton": "y", "date": "d"})
+    rec = io.CaseRecorder(cfg, log=lambda s: None)
+    seen = []
+    rec.on_row = lambda: seen.append(len(rec.rows))
+    rec.measure("a", 1, 1, lambda: (lambda: 1), kept_flops=4e12, backend="triton")
+    rec.measure("b", 1, 1, lambda: (lambda: 1), check=lambda out: "2 rows differ")
+    rec.skip("c", 1, 1, "budget")
+    assert seen == [1, 2, 3]
+    assert rec.rows[0]["status"] == "ok" and rec.rows[0]["backend"] == "triton" and rec.rows[0]["triton"] == "y"
+    assert rec.rows[0]["kept_tflops"] != ""
+    assert rec.rows[1]["status"] == "mismatch: 2 rows differ"

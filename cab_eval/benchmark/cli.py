@@ -2,7 +2,7 @@
 
 :func:`run_cli` parses the arguments (:func:`build_parser`, checked by :func:`resolve`), plans the
 ``(N, B)`` groups (:func:`plan`: B = 1 up to 128k first, then the batch sweep, then longer N), runs each
-group through the command's ``run_group``, writes the CSV after every group (a run cut short keeps
+group through the command's ``run_group``, writes the CSV after every case (a run cut short keeps
 what it measured) and draws the plots at the end. Results go to ``runs/bench/`` unless ``--out-dir``
 or ``--csv`` say otherwise.
 """
@@ -310,6 +310,7 @@ def run_cli(kind: str, doc: str, run_group: Callable[..., Any], argv: list[str] 
     try:
         print(header(cfg, kind), flush=True)
         rec = CaseRecorder(cfg, log=lambda s: print(s, flush=True))
+        rec.on_row = lambda: checkpoint(cfg, rec)
         for group in plan(cfg):
             n, batch = group.n, group.batch
             print(f"N={n} B={batch}" + (" (batch sweep: main block size, cab and magnitude)" if group.light else ""), flush=True)

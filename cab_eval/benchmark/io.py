@@ -101,9 +101,17 @@ class CaseRecorder:
         self.rows: list[dict[str, Any]] = []
         self.log = log
         self.written = False
+        # Called after every new row (the CLI writes the CSV there), so that a run killed mid-group keeps
+        # every case measured before the one in flight.
+        self.on_row: Callable[[], Any] | None = None
+
+    def _added(self) -> None:
+        if self.on_row is not None:
+            self.on_row()
 
     def skip(self, case: str, n: int, batch: int, why: str, **kw) -> None:
         self.rows.append(row(self.cfg, case, n, batch, status=f"skipped: {why}", **kw))
+        self._added()
         sp = kw.get("sparsity")
         self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} s={'' if sp is None else f'{sp:g}':5s} skipped ({why})")
 
@@ -140,6 +148,7 @@ class CaseRecorder:
         except Exception as e:  # noqa: BLE001 - log and go on
             status = "oom" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             self.rows.append(row(cfg, case, n, batch, status=status, density=density, **kw))
+            self._added()
             self.log(f"  {case:44s} n={n:<7d} B={batch:<3d} FAILED {status}")
             if not is_oom(e):
                 traceback.print_exc(limit=3, file=sys.stdout)
@@ -153,6 +162,7 @@ class CaseRecorder:
         ktf = kfl / (ms * 1e-3) / 1e12 if (kfl and ms > 0) else None
         self.rows.append(row(cfg, case, n, batch, ms=ms, peak=peak, density=density, tflops=tf, kept_tflops=ktf,
                              status="ok" if bad is None else f"mismatch: {bad}", **kw))
+        self._added()
         extra = f" peak={peak:8.1f} MiB" if peak is not None else ""
         extra += f" {tf:6.1f} TFLOP/s" if tf is not None else ""
         extra += f" kept {ktf:6.1f} TFLOP/s" if ktf is not None else ""
