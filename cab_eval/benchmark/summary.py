@@ -11,7 +11,9 @@ The docs page: ``cab bench summary --csv results/benchmarks/nvidia-h100-80gb-hbm
 --out docs/benchmarks.md --plots-dir results/benchmarks``. Without ``--csv`` it takes the newest GPU
 CSV in ``runs/bench``, else in ``results/benchmarks`` (a CPU dry-run CSV only when no other exists).
 ``--out`` defaults to ``runs/bench/benchmarks.md`` and the plots go beside the CSV unless
-``--plots-dir`` says otherwise. ``--compact`` prints a short plain-text table (what
+``--plots-dir`` says otherwise. ``--previous`` names an earlier run's CSV for the regression table
+(default: the newest other GPU CSV beside ``--csv`` with an earlier date). Rows of the Triton attention
+backend add the issue-9 sections (:mod:`cab_eval.benchmark.speed_report`). ``--compact`` prints a short plain-text table (what
 ``scripts/gpu_check.sh`` shows at the end) instead of writing the page.
 """
 
@@ -165,7 +167,8 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
         md.append("> **These rows are a CPU dry run with host timers. They test the command line and say nothing "
                   "about speed.** Real figures come from `scripts/gpu_check.sh` on a GPU.\n")
     md.append(
-        "How it was measured: `cab bench predictor` and `cab bench attention` (`scripts/gpu_check.sh` runs both). "
+        "How it was measured: `cab bench predictor` and `cab bench attention` (`scripts/gpu_check.sh` runs both; "
+        "`scripts/gpu_speed.sh` runs the Speed-II set with the Triton attention backend and `cab bench model`). "
         "Each figure is the median of triton's `do_bench` (CUDA events, L2 flushed between calls) after a "
         "warm-up call that compiles; peak memory is `torch.cuda.max_memory_allocated()` during one call minus "
         "what was allocated before it (inputs excluded, outputs and workspace included), in MiB. `predictor:cab[impl]` covers coarsen, score, "
