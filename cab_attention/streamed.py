@@ -288,7 +288,9 @@ def _select_tile(
         from .kernels.radix_select import radix_select_rows
 
         _, num, idx = radix_select_rows(prio, budget, sub.block_offset, True, write_mask=False, index_width=width)
-        return num, idx
+        # The kernel leaves columns past the tile's key blocks unwritten; the layout promises zeros there.
+        past = torch.arange(width, device=idx.device) >= num[..., None]
+        return num, idx.masked_fill_(past, 0)
     dev = prio.device
     order = rank_order(prio, sub.valid(dev), sub.forced(dev), demote)
     mask = keep_first(order, budget)

@@ -145,13 +145,16 @@ def test_bad_attention_inputs_raise():
 @pytest.mark.triton
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("selector", ["antidiagonal", "magnitude"])
-def test_triton_path_equals_torch(selector):
+@pytest.mark.parametrize("nq,nk", [(96, 160), (160, 160)])
+def test_triton_path_equals_torch(selector, nq, nk):
     """The CUDA path (fused antidiagonal estimator, radix select, block-sparse kernel) in the interpreter."""
-    q, k, v = qkv(96, 160, seed=5, d=16)
-    kw = dict(selector=selector, sparsity=0.5, block_size=BS, row_tile=2)
+    q, k, v = qkv(nq, nk, seed=5, d=16)
+    kw = dict(selector=selector, sparsity=0.5, block_size=BS, row_tile=4, **({"stride": 4} if selector == "antidiagonal" else {}))
+    ref = select_blocks(q, k, **{name: val for name, val in kw.items() if name != "row_tile"})
     a = select_blocks_streamed(q, k, impl="torch", **kw)
     b = select_blocks_streamed(q, k, impl="triton", **kw)
     assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
+    assert torch.equal(b.kv_indices, ref.kv_indices[..., : b.kv_indices.shape[-1]])
     want = sparse_attention_streamed(q, k, v, backend="reference", impl="torch", **kw)
     got = sparse_attention_streamed(q, k, v, backend="triton", impl="triton", **kw)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
