@@ -44,7 +44,8 @@ torch path only (CPU): sorts    ``~4 Hq T M`` int64                   (not used 
 tile output                     ``Hq T bs D`` bf16                    134 MB
 ==============================  ====================================  =========
 
-about 1.05 GB at the peak (cab; the others ~0.87 GB), under the 2 GB target. The whole compact index of
+about 1.05 GB at the peak for cab (magnitude 0.87 GB, antidiagonal 0.70 GB; a few transient ``[T, Mk]``
+float32 temporaries of one head, 17 MB each, come on top), under the 2 GB target. The whole compact index of
 :func:`select_blocks_streamed` adds ``Hq M K * 4`` = 1.72 GB (0.43 GB with ``share_kv``: one list per KV
 head), which is why the fused form is the 1M path. ``scripts/gpu_million.py`` measures the peaks.
 
