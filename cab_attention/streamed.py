@@ -55,7 +55,6 @@ selectors ``dense``, ``magnitude``, ``streaming``, ``antidiagonal``, ``cab``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

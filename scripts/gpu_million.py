@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import sys
@@ -297,17 +296,15 @@ def curve_point(selector: str, n: int, want_spot: bool, impl: str = "triton") ->
     density = float(cs.kv_num_blocks.double().sum() / ((cs.grid.diagonal(q.device) + 1).double().sum() * HQ))
     grid = BlockGrid.of(q, k, BS, True)
     ms_kern, _, out_k = timed(lambda: block_sparse_attention(q, k, v, cs.kv_num_blocks, cs.kv_indices, grid), reps, warm)
-    record(part="curve", selector=selector, n=n, what="predictor" if impl == "triton" else "predictor_torch_select", ms=round(ms_pred, 2),
+    what = "predictor" if impl == "triton" else "predictor_torch_select"
+    record(part="curve", selector=selector, n=n, what=what, ms=round(ms_pred, 2),
            peak_beyond_qkv_mb=round(peak_pred, 1),
            value=f"K={kmax} density={density:.4f} compact_index_mb={cs.kv_indices.numel() * 4 / 1e6:.0f}")
     record(part="curve", selector=selector, n=n, what="kernel", ms=round(ms_kern, 2),
            note="Triton block-sparse kernel on the compact index")
-    if not want_spot:
-        del out_k
-    cs_keep = cs if want_spot else None
-    del cs
-    out_k_keep = out_k if want_spot else None
-    out_k = None
+    # Keep the index and the kernel's output only for the spot check (they count in no later peak).
+    cs_keep, out_k_keep = (cs, out_k) if want_spot else (None, None)
+    del cs, out_k
     base3 = allocated()
     extra = (base3 - base) if CUDA else 0  # what the spot check keeps alive
     fused = lambda: sparse_attention_streamed(q, k, v, backend="triton", **kw)  # noqa: E731
