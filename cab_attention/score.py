@@ -71,16 +71,18 @@ def triangle_proxy(a: torch.Tensor, r: torch.Tensor, lam: float = 0.5, norm: str
     return a - lam * rn
 
 
-def augmented_forman(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def augmented_forman(a: torch.Tensor, r: torch.Tensor, in_strength: torch.Tensor | None = None) -> torch.Tensor:
     """Augmented Forman-Ricci curvature on edges: ``F_ij = 4 A_ij - S_i - S_j + 3 R_ij``.
 
     The block graph is directed (causal), so ``S_i`` is the out-strength of query block ``i`` (its row
     sum) and ``S_j`` the in-strength of key block ``j`` (its column sum over the present query blocks).
     In prefill the in-strength includes later queries: the mask of a row may depend on later rows,
     which is harmless for prefill (all rows are computed together) but is not a causal predictor.
+    ``in_strength`` (``[..., 1, Mk]``) gives ``S_j`` when ``a`` holds only some of the rows (row tiles,
+    :mod:`cab_attention.streamed`); by default it is ``a``'s column sum.
     """
     s_out = a.sum(-1, keepdim=True)
-    s_in = a.sum(-2, keepdim=True)
+    s_in = a.sum(-2, keepdim=True) if in_strength is None else in_strength
     return 4.0 * a - s_out - s_in + 3.0 * r
 
 

@@ -6,6 +6,7 @@ One job per module:
   transformers (:func:`cab_attention_forward`, :data:`ATTN_NAME`, :data:`HF_BACKENDS`);
 * :mod:`.enabling`: :func:`enable` / :func:`disable` a model, :func:`settings_of`, and :func:`record` its
   attention calls into an :class:`AttentionCallLog` of :class:`CallRecord` entries;
+* :mod:`.chunked`: :func:`prefill`, a long prompt fed chunk by chunk into a KV cache (then ``generate``);
 * :mod:`.loading`: :func:`load_model` (a local model folder or GGUF file, offline) and
   :func:`load_smollm2` (the bundled SmolLM2-135M-Instruct), with the converted-model cache
   (:func:`cache_root`: ``$CAB_CACHE_DIR`` or ``~/.cache/cab-attention``; the GGUF from ``gguf_path=``,
@@ -27,6 +28,7 @@ import warnings
 from typing import Any
 
 from .attention import ATTN_NAME, HF_BACKENDS, CABSettings, CallRecord, cab_attention_forward, check_settings, register
+from .chunked import prefill
 from .enabling import AttentionCallLog, _attention_modules, attention_modules, disable, enable, record, settings_of
 from .loading import SMOLLM2_GGUF_NAME, cache_root, find_smollm2_gguf, load_model, load_smollm2
 
@@ -46,6 +48,7 @@ __all__ = [
     "find_smollm2_gguf",
     "load_model",
     "load_smollm2",
+    "prefill",
     "record",
     "register",
     "settings_of",
