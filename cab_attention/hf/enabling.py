@@ -43,7 +43,7 @@ class AttentionCallLog:
 
     @property
     def dense_layers(self) -> list[int | None]:
-        """Layers with a prefill call left dense because of their sliding window (``"sliding-dense"``)."""
+        """Layers whose calls ran dense because of their sliding window (``"sliding-dense"``: prefill and decode)."""
         return sorted({c.layer for c in self.calls if c.path == "sliding-dense"}, key=lambda x: (x is None, x))
 
     @property
