@@ -15,11 +15,13 @@
 #     bash scripts/gpu_recall.sh gemma3; bash scripts/gpu_ruler.sh gemma3      # <= 540 s in all
 #     bash scripts/gpu_recall.sh smollm2; bash scripts/gpu_ruler.sh smollm2    # <= 240 s in all
 # Writes $OUT/ruler-<model>.tgz and $OUT/ruler-table.txt, and appends to $OUT/steps.txt.
-# Time: the run starts no new batch after --time-limit (Gemma 170 s, SmolLM2 55 s; every batch runs all
-# 17 methods on the same prompts, so what ran is paired; prompts are ordered sample-major, so a cut run
-# covers every (task, length, depth) cell with its first samples) and is killed at a hard limit (Gemma
-# 230 s, SmolLM2 80 s; a killed run's trials are re-scored from its CSV, 30 s at most). Worst case:
-# Gemma 265 s, SmolLM2 115 s, plus model load (~5 s from the cache the recall half wrote).
+# Time (unmeasured on the GPU; the run's own seconds go to steps.txt): the run starts no new batch after
+# --time-limit (Gemma 160 s, SmolLM2 45 s; every batch runs all 17 methods on the same prompts, so what
+# ran is paired; prompts are ordered sample-major, so a cut run covers every (task, length, depth) cell
+# with its first samples) and is killed at a hard limit (Gemma 215 s, SmolLM2 65 s; a killed run's
+# trials are re-scored from its CSV, 20 s at most). Worst case with setup and tar: Gemma ~245 s,
+# SmolLM2 ~95 s; with the recall half (Gemma <= ~275 s, SmolLM2 <= ~130 s) one call stays within 540 s
+# (Gemma) and 240 s (SmolLM2).
 # If the decode check fails on the device, re-score on the CPU:
 #     python -m cab_eval.evaluate.ruler_run score --model gemma3 --out <unpacked ruler-gemma3>
 set -u
@@ -48,8 +50,8 @@ fi
 
 MODEL=${1:-}
 case $MODEL in
-  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=170; HARD=230; BATCH=2 ;;
-  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=55; HARD=80; BATCH=4 ;;
+  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=160; HARD=215; BATCH=2 ;;
+  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=45; HARD=65; BATCH=4 ;;
   *) echo "usage: bash scripts/gpu_ruler.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
 export CAB_MODEL_DIR=${CAB_MODEL_DIR:-/root/m}
@@ -71,7 +73,7 @@ timeout "$HARD" python3 -m cab_eval.evaluate.ruler_run run --model "$MODEL" --to
   --no-progress --out "$dir" > "$dir/run.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ] && [ -s "$dir/ruler_trials.csv" ]; then  # killed or failed: write outputs from the CSV
-  timeout 30 python3 -m cab_eval.evaluate.ruler_run score --model "$MODEL" --out "$dir" >> "$dir/run.log" 2>&1
+  timeout 20 python3 -m cab_eval.evaluate.ruler_run score --model "$MODEL" --out "$dir" >> "$dir/run.log" 2>&1
 fi
 echo "ruler-$MODEL rc=$rc $((SECONDS - t0))s trials=$(($(wc -l < "$dir/ruler_trials.csv" 2>/dev/null || echo 1) - 1))" | tee -a "$OUT/steps.txt"
 tar czf "$OUT/ruler-$MODEL.tgz" -C runs/gpu "ruler-$MODEL"
