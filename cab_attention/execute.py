@@ -235,7 +235,7 @@ def auto_runs_dense(q: torch.Tensor, k: torch.Tensor, selection: BlockSelection 
 def _check_selection(selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool):
     if not isinstance(selection, BlockSelection):
         raise ValueError(f"selection must be a BlockSelection from select_blocks, got {type(selection).__name__}")
-    want = BlockGrid.of(q, k, selection.grid.block_size, causal)
+    want = BlockGrid.of(q, k, selection.grid.block_size, causal, selection.grid.window)
     if selection.grid != want:
         raise ValueError(
             f"selection was made for {selection.grid} but q, k describe {want}; select again for these inputs"
@@ -326,8 +326,16 @@ def sparse_attention(
         selection.check_rows()
         if check_finite:
             check_finite_fn(q=q, k=k, v=v)
-    if q.shape[2] < block_size:
+    windowed = selection.grid.window is not None
+    if q.shape[2] < block_size and not windowed:
         return dense_attention(q, k, v, causal=causal, scale=scale)
+    if backend == "triton" and windowed:
+        raise ValueError(
+            "backend='triton' does not honour a sliding window (its kernel masks only the diagonal block); "
+            "use backend='flex' or 'reference' for a windowed selection"
+        )
+    if q.shape[2] < block_size:  # windowed: the reference applies the window token by token
+        return reference_attention(q, k, v, selection, scale=scale)
     if backend == "flex":
         return flex_attention_blocks(q, k, v, selection, scale=scale)
     if backend == "triton":

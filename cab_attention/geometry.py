@@ -106,6 +106,11 @@ class BlockGrid:
 
     ``Mq`` query blocks (front- and end-padded queries), ``Mk`` key blocks; query block ``i`` covers
     absolute key-block ``i + block_offset``, which is its diagonal block.
+
+    ``window`` (tokens, causal grids only): a sliding window as transformers defines it, query ``p`` sees
+    keys ``p - window < j <= p``. The valid blocks are then the blocks the window reaches for some real
+    query of the row, the forced blocks the row's first valid block (a window-local sink) and its
+    diagonal, and the budget counts over the valid blocks, so every selector works unchanged inside it.
     """
 
     batch: int
@@ -116,6 +121,14 @@ class BlockGrid:
     head_dim: int
     block_size: int
     causal: bool
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+                raise ValueError(f"window must be None or a positive int (tokens), got {self.window!r}")
+            if not self.causal:
+                raise ValueError("window needs a causal grid (a sliding window is a causal pattern)")
 
     @property
     def offset(self) -> int:
@@ -147,19 +160,35 @@ class BlockGrid:
         i = torch.arange(self.num_q_blocks, device=device)
         return (i + self.block_offset).clamp_max(self.num_kv_blocks - 1)
 
+    def first_valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[Mq]`` int64: each row's first valid key block, its sink (0 without a window; with one, the
+        block holding the earliest key the row's first real query sees)."""
+        mq = self.num_q_blocks
+        if self.window is None:
+            return torch.zeros(mq, dtype=torch.long, device=device)
+        i = torch.arange(mq, device=device)
+        # Absolute position of each row's first real query (front-padded rows are not real).
+        first_q = (i * self.block_size + self.offset - self.q_pad_front).clamp_min(self.offset)
+        return ((first_q - self.window + 1).clamp_min(0) // self.block_size).clamp_max(self.num_kv_blocks - 1)
+
     def valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[Mq, Mk]`` bool: causally valid block edges (every key block when not causal)."""
+        """``[Mq, Mk]`` bool: causally valid block edges (every key block when not causal), inside the
+        window when there is one."""
         mq, mk = self.num_q_blocks, self.num_kv_blocks
         if not self.causal:
             return torch.ones(mq, mk, dtype=torch.bool, device=device)
         j = torch.arange(mk, device=device)
-        return j[None, :] <= self.diagonal(device)[:, None]
+        ok = j[None, :] <= self.diagonal(device)[:, None]
+        if self.window is not None:
+            ok &= j[None, :] >= self.first_valid(device)[:, None]
+        return ok
 
     def forced(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[Mq, Mk]`` bool: the sink block 0 and the diagonal block of each row."""
-        mq, mk = self.num_q_blocks, self.num_kv_blocks
+        """``[Mq, Mk]`` bool: the sink block (block 0, or the row's first block inside the window) and
+        the diagonal block of each row."""
+        mk = self.num_kv_blocks
         j = torch.arange(mk, device=device)
-        return (j[None, :] == 0) | (j[None, :] == self.diagonal(device)[:, None])
+        return (j[None, :] == self.first_valid(device)[:, None]) | (j[None, :] == self.diagonal(device)[:, None])
 
     def budget(self, sparsity: float, device: torch.device | str = "cpu") -> torch.Tensor:
         """``[Mq]`` int64: ``k_i = min(v_i, max(2, ceil((1 - sparsity) * v_i)))`` blocks per row
@@ -167,6 +196,6 @@ class BlockGrid:
         return blocks_kept(self.valid(device).sum(-1), sparsity)
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool) -> "BlockGrid":
+    def of(cls, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool, window: int | None = None) -> "BlockGrid":
         b, hq, nq, d = q.shape
-        return cls(b, hq, k.shape[1], nq, k.shape[2], d, block_size, bool(causal))
+        return cls(b, hq, k.shape[1], nq, k.shape[2], d, block_size, bool(causal), window)

@@ -440,6 +440,7 @@ def select_blocks(
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,
+    window: int | None = None,
     **options: Any,
 ) -> BlockSelection:
     """Choose the key blocks each query block attends to.
@@ -453,6 +454,9 @@ def select_blocks(
             included.
         block_size: a power of two; tokens per block on both axes.
         causal: causal block graph and attention.
+        window: a sliding window in tokens (query ``p`` sees keys ``p - window < j <= p``; causal only):
+            selection happens inside it (:class:`BlockGrid` ``window``: valid blocks, a window-local sink,
+            budgets over the window's blocks); torch only.
         **options: ``coarsen`` (``"max_l2"``, ``"mean"``, ``"max"``), ``share_kv`` (one mask per KV head),
             ``threshold`` (adaptive mode: keep the fewest blocks whose estimated mass reaches it; then
             ``sparsity`` is not used), ``scale`` (default ``D**-0.5``), ``return_diagnostics``,
@@ -484,10 +488,12 @@ def select_blocks(
         )
     if opts["check_finite"]:
         check_finite(q=q, k=k)
+    if opts["impl"] == "triton" and window is not None:
+        raise ValueError("impl='triton' selects over the whole causal range; use impl='torch' with window=")
     if opts["impl"] == "triton":
         return _select_triton(q, k, selector=selector, sparsity=sparsity, block_size=block_size, causal=causal,
                               opts=opts)
-    grid = BlockGrid.of(q, k, block_size, causal)
+    grid = BlockGrid.of(q, k, block_size, causal, window)
     dev = q.device
     share_kv = opts["share_kv"]
 

@@ -93,7 +93,10 @@ class BlockSelection:
         cols = torch.arange(g.kv_len, device=m.device)
         tok = m[:, :, rows // bs][..., cols // bs]
         if g.causal:
-            tok = tok & (cols[None, :] <= (rows + g.offset - g.q_pad_front)[:, None])
+            pos = (rows + g.offset - g.q_pad_front)[:, None]
+            tok = tok & (cols[None, :] <= pos)
+            if g.window is not None:
+                tok = tok & (cols[None, :] > pos - g.window)
         return tok
 
     def check_rows(self) -> None:
@@ -139,6 +142,9 @@ def block_mask(selection: BlockSelection, *, for_backward: bool = False, fast: b
     and has no backward index.
     """
     if fast:
+        if selection.grid.window is not None:
+            raise ValueError("block_mask(fast=True) knows only the diagonal as a partial block, not a sliding "
+                             "window's edge; use fast=False for a windowed selection")
         if for_backward:
             raise ValueError("block_mask(fast=True) builds no backward index; use fast=False for gradients")
         from .kernels import HAS_TRITON
@@ -160,6 +166,10 @@ def block_mask(selection: BlockSelection, *, for_backward: bool = False, fast: b
         partial |= j[None, :] >= g.diagonal(dev)[:, None]
     if g.kv_len % g.block_size:
         partial |= j[None, :] == mk - 1
+    if g.window is not None:
+        # A key block is full only when every query of the row (padded rows too) sees all of it.
+        last_q = torch.arange(g.num_q_blocks, device=dev) * g.block_size + g.offset - g.q_pad_front + g.block_size - 1
+        partial |= (j[None, :] * g.block_size) <= (last_q - g.window)[:, None]
     part_num, part_idx = kv_layout(m & partial)
     full_num, full_idx = kv_layout(m & ~partial)
     return BlockMask.from_kv_blocks(
@@ -176,16 +186,20 @@ def block_mask(selection: BlockSelection, *, for_backward: bool = False, fast: b
 
 
 def make_mask_mod(grid: BlockGrid):
-    """Token-level mask for partial blocks: causal (with the chunked-prefill offset) and inside ``Nk``.
+    """Token-level mask for partial blocks: causal (with the chunked-prefill offset), inside the sliding
+    window when the grid has one, and inside ``Nk``.
 
     ``q_idx`` is the padded-query index, ``kv_idx`` the key index.
     """
     shift = grid.offset - grid.q_pad_front
     kv_len = grid.kv_len
     causal = grid.causal
+    window = grid.window
 
     def mask_mod(b, h, q_idx, kv_idx):
         inside = kv_idx < kv_len
+        if causal and window is not None:
+            return inside & (kv_idx <= q_idx + shift) & (kv_idx > q_idx + shift - window)
         if causal:
             return inside & (kv_idx <= q_idx + shift)
         return inside

@@ -171,13 +171,18 @@ def test_padded_batch_rows_equal_unpadded_runs(sparsity):
 def test_sliding_window_is_kept(ids):
     m = tiny_mistral(window=48)
     ref = logits(m, ids)
-    hf.enable(m, selector="magnitude", sparsity=0.0, block_size=BS)
+    hf.enable(m, selector="magnitude", sparsity=0.0, block_size=BS, sliding="sparse")
     with hf.record(m, capture=[0]) as rec:
         torch.testing.assert_close(logits(m, ids), ref, atol=1e-5, rtol=0)
+    # Sliding layers (every Mistral layer) are dense by default: the model's own logits at any sparsity.
     hf.enable(m, selector="magnitude", sparsity=0.5, block_size=BS)
+    with hf.record(m) as rec:
+        torch.testing.assert_close(logits(m, ids), ref, atol=1e-5, rtol=0)
+    assert {c.path for c in rec.calls} == {"sliding-dense"} and rec.density is None
+    hf.enable(m, selector="magnitude", sparsity=0.5, block_size=BS, sliding="sparse")
     with hf.record(m, capture=[0]) as rec:
         logits(m, ids)
-    assert {c.path for c in rec.calls} == {"masked"}
+    assert {c.path for c in rec.calls} == {"sparse"} and {c.window for c in rec.calls} == {48}
     cap = rec.captured[0][0]
     attn = m.model.layers[0].self_attn
     from transformers.masking_utils import sliding_window_causal_mask_function
@@ -189,8 +194,11 @@ def test_sliding_window_is_kept(ids):
     assert torch.equal(sliding_window_causal_mask_function(48)(0, 0, qi, ki).expand(n, n), window)
     got, _ = hf.cab_attention_forward(attn, cap["q"], cap["k"], cap["v"], window[None, None].expand(2, 1, n, n),
                                       scaling=attn.scaling, sliding_window=48)
-    for row, sel in enumerate(cap["selection"]):
-        tok = sel.token_mask()[0] & window
+    sel = cap["selection"]
+    blocks = sel.query_head_mask()
+    t = torch.arange(n)
+    for row in range(ids.shape[0]):
+        tok = blocks[row][:, t // BS][:, :, t // BS] & window
         want = _manual_attention(cap["q"][row : row + 1], cap["k"][row : row + 1], cap["v"][row : row + 1], tok,
                                  attn.scaling)
         torch.testing.assert_close(got[row].double(), want[0].transpose(0, 1), atol=1e-5, rtol=0)

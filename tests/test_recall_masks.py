@@ -52,15 +52,19 @@ def test_recorder_keeps_sliding_windows_and_measures_only_full_layers():
     assert {r["layer"] for r in rec2.rows} == {0, 1, 2} and not rec2.skipped
 
 
-def test_asking_for_a_sliding_layer_raises():
-    model = _tiny_gemma3(window=16)
-    ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(2))
-    rec = recall.Recorder([recall.parse_spec("oracle")], [0.5], block_size=16, layers=[1])
-    with pytest.raises(ValueError, match="layer 1 was asked for"):
-        recall.record(model, ids, rec)
-    rec = recall.Recorder([recall.parse_spec("oracle")], [0.5], block_size=16, layers=[2])
+def test_a_sliding_layer_asked_for_is_measured_against_its_window():
+    model = _tiny_gemma3(window=40)
+    ids = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(2))
+    # Keeping every block of the window is the whole windowed softmax: recall 1 and no error. Measured
+    # against the full causal softmax instead, recall would be well below 1.
+    rec = recall.Recorder([recall.parse_spec("dense"), recall.parse_spec("oracle")], [0.5], block_size=16,
+                          layers=[1, 2])
     recall.record(model, ids, rec)
-    assert {r["layer"] for r in rec.rows} == {2}
+    assert {r["layer"] for r in rec.rows} == {1, 2} and rec.windowed == {1: 40}
+    dense = [r for r in rec.rows if r["method"] == "dense" and r["layer"] == 1][0]
+    assert dense["recall"] == pytest.approx(1.0, abs=1e-6) and dense["rel_err"] < 1e-5
+    oracle = [r for r in rec.rows if r["method"] == "oracle" and r["layer"] == 1][0]
+    assert oracle["kept_blocks"] == oracle["budget_blocks"] and oracle["recall"] < 1.0
 
 
 @pytest.mark.parametrize("spec", ["flexprefill:allocation=head", "vertical_slash:allocation=layer",
@@ -85,5 +89,7 @@ def test_is_plain_causal():
     assert recall.is_plain_causal(causal[None, None], n)
     window = causal & ~torch.ones(n, n, dtype=torch.bool).tril(-4)
     assert not recall.is_plain_causal(window[None, None], n)
+    assert recall.is_plain_causal(window[None, None], n, window=4)
+    assert not recall.is_plain_causal(window[None, None], n, window=5)
     additive = torch.zeros(n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
     assert recall.is_plain_causal(additive[None, None], n)

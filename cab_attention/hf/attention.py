@@ -21,9 +21,16 @@ What each call does:
   must be one contiguous span, as left or right padding gives), so the sink block is the row's first
   real block and selection never scores pad tokens. Pad query rows return zeros (their outputs only
   feed pad positions).
-* **Masks that are not plain causal** (a layer's sliding window, or any custom pattern): the block
-  selection is intersected with the model's own mask, so the layer keeps its window; the budget is still
-  counted over causal blocks.
+* **Sliding-window layers** (transformers passes ``sliding_window=`` for them: Gemma-2/3's local layers,
+  Qwen2/3's sliding layers, every Mistral layer when its config has a window) run **dense** by default,
+  exactly as the model's SDPA attention with its window mask would (they already cost ``O(N w)``); the
+  record marks them ``"sliding-dense"`` and never counts them in the block density. With
+  ``sliding="sparse"`` selection happens *inside* the window (:class:`cab_attention.BlockGrid` ``window``:
+  the valid blocks are those the window reaches, the forced blocks a window-local sink, the row's first
+  block in the window, and the diagonal; the budget counts the window's blocks), and execution applies
+  the window token by token (SDPA under the selection's token mask, or flex's ``mask_mod``).
+* **Other masks** (padding, any custom pattern): each row runs on its real span; a row whose mask is not
+  the expected pattern (causal, within the window if any) has the selection intersected with it.
 """
 
 from __future__ import annotations
@@ -55,13 +62,23 @@ CUDA, sdpa elsewhere."""
 # ----------------------------------------------------------------------------------------------------
 
 
+SPARSE_PATHS = ("sparse", "masked")
+"""The :class:`CallRecord` paths that ran block-sparse; ``"dense"`` and ``"sliding-dense"`` did not."""
+
+SLIDING_MODES = ("dense", "sparse")
+"""What :func:`cab_attention.hf.enable` does with sliding-window layers: leave them dense (default) or
+select inside the window."""
+
+
 @dataclass
 class CallRecord:
     """One attention call of one layer.
 
-    ``path`` is ``"sparse"`` (block-sparse prefill), ``"masked"`` (block-sparse, intersected with the
-    model's own mask: padding or a sliding window) or ``"dense"`` (decode, short chunk).
-    ``kept_blocks``/``valid_blocks`` count query-head block edges (0 for dense calls).
+    ``path`` is ``"sparse"`` (block-sparse prefill), ``"masked"`` (block-sparse per batch row: padding,
+    or a mask of the model's own intersected with the selection), ``"dense"`` (decode, short chunk) or
+    ``"sliding-dense"`` (a sliding-window layer left dense, the default of :func:`enable`).
+    ``kept_blocks``/``valid_blocks`` count query-head block edges (0 for dense calls); with ``window``
+    (the layer's sliding window when it ran block-sparse inside it) they count the window's blocks.
     """
 
     layer: int | None
@@ -71,6 +88,12 @@ class CallRecord:
     kv_len: int
     kept_blocks: int
     valid_blocks: int
+    window: int | None = None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the call ran block-sparse (its blocks count in the density)."""
+        return self.path in SPARSE_PATHS
 
     @property
     def density(self) -> float:
@@ -88,16 +111,23 @@ class CABSettings:
     backend: str
     options: dict[str, Any]
     previous: str | None = None
+    sliding: str = "dense"
     # The open record() blocks (AttentionCallLog objects of cab_attention.hf.enabling) this model writes to.
     recorders: list[Any] = field(default_factory=list, repr=False)
     # The last few masks analysed (a forward passes one mask object to every layer; sliding-window
     # models alternate two), with their per-row spans, so the analysis runs once per forward.
-    _mask_cache: list[tuple[torch.Tensor, Any]] = field(default_factory=list, repr=False)
+    _mask_cache: list[tuple[torch.Tensor, int | None, Any]] = field(default_factory=list, repr=False)
 
 
-def check_settings(selector: str, sparsity: float, block_size: int, backend: str, options: dict[str, Any]) -> dict:
+def check_settings(selector: str, sparsity: float, block_size: int, backend: str, options: dict[str, Any],
+                   sliding: str = "dense") -> dict:
     """Validate :func:`cab_attention.hf.enable`'s arguments (``ValueError`` names the bad one); return the
     options to store (``check_finite`` included: it applies to every prefill call)."""
+    if sliding not in SLIDING_MODES:
+        raise ValueError(f"sliding must be one of {SLIDING_MODES} (sliding-window layers dense, or sparse inside "
+                         f"the window), got {sliding!r}")
+    if "window" in options:
+        raise ValueError("window must not be given to enable(): each layer's sliding window is the model's own")
     check_sparsity(sparsity)
     check_block_size(block_size)
     if backend not in HF_BACKENDS:
@@ -115,18 +145,24 @@ def check_settings(selector: str, sparsity: float, block_size: int, backend: str
 # ----------------------------------------------------------------------------------------------------
 
 
-def register() -> None:
+def register(name: str = ATTN_NAME, function: Any = None) -> None:
+    """Register ``function`` (default :func:`cab_attention_forward`) as transformers attention ``name``,
+    with SDPA's mask builder under the same name.
+
+    The one registration path (``cab eval recall`` registers its recording function through it): an
+    attention name registered only in ``AttentionInterface`` gets ``attention_mask=None`` from
+    transformers, so padded batches would lose their padding and sliding-window layers would silently
+    run as full causal attention. SDPA's builder gives ``None`` for plain causal without padding, else a
+    bool ``(B, 1, Q, K)`` mask with padding and sliding windows folded in.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(ATTN_NAME, cab_attention_forward)
-    # SDPA's mask builder: None for plain causal without padding, else a bool (B, 1, Q, K) mask with
-    # padding and sliding windows folded in. Without this registration the function would get None
-    # even for padded batches.
-    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(name, cab_attention_forward if function is None else function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def _as_bool_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+def as_bool_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
     """``(B, 1, Q, K)`` bool (True = attend) from a bool or additive float mask."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2] != q_len or mask.shape[-1] < kv_len:
         raise ValueError(
@@ -146,7 +182,8 @@ def _as_bool_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
 @dataclass
 class _RowSpan:
     """The real part of one batch row: keys ``[k0, k1)``, queries ``[q0, q1)``; ``causal`` is True when
-    the model's mask over that part is exactly the causal pattern (else it is intersected)."""
+    the model's mask over that part is exactly the expected pattern: causal, and inside the sliding
+    window when one was given (else the selection is intersected with the mask)."""
 
     k0: int
     k1: int
@@ -155,7 +192,10 @@ class _RowSpan:
     causal: bool
 
 
-def _analyse_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> list[_RowSpan | None]:
+def analyse_mask(mask: torch.Tensor, q_len: int, kv_len: int, window: int | None = None) -> list[_RowSpan | None]:
+    """Each batch row's real span of a bool ``(B, 1, Q, K)`` mask and whether the mask over it is the
+    plain pattern (causal, within ``window`` tokens when given); ``None`` for a row with no real query.
+    ``ValueError`` for gapped rows or a mask that lets a query see a later key."""
     offset = kv_len - q_len
     spans: list[_RowSpan | None] = []
     for b in range(mask.shape[0]):
@@ -178,19 +218,25 @@ def _analyse_mask(mask: torch.Tensor, q_len: int, kv_len: int) -> list[_RowSpan 
         sub = m[q0:q1, k0:k1]
         qpos = torch.arange(q0, q1, device=m.device) + offset
         kpos = torch.arange(k0, k1, device=m.device)
-        causal = bool(torch.equal(sub, kpos[None, :] <= qpos[:, None]))
+        expected = kpos[None, :] <= qpos[:, None]
+        if window is not None:
+            # Window positions count from the row's first real key (a left-padded row's keys start later;
+            # transformers' window compares cache positions, whose differences are the same).
+            expected &= kpos[None, :] > qpos[:, None] - window
+        causal = bool(torch.equal(sub, expected))
         if not causal and bool((sub & (kpos[None, :] > qpos[:, None])).any()):
             raise ValueError("attention_mask lets a query attend to a later key; CAB attention is causal only")
         spans.append(_RowSpan(k0, k1, q0, q1, causal))
     return spans
 
 
-def _spans(settings: CABSettings, mask: torch.Tensor, q_len: int, kv_len: int) -> list[_RowSpan | None]:
-    for ref, spans in settings._mask_cache:
-        if ref is mask:
+def _spans(settings: CABSettings, mask: torch.Tensor, q_len: int, kv_len: int,
+           window: int | None = None) -> list[_RowSpan | None]:
+    for ref, w, spans in settings._mask_cache:
+        if ref is mask and w == window:
             return spans
-    spans = _analyse_mask(mask, q_len, kv_len)
-    settings._mask_cache.insert(0, (mask, spans))
+    spans = analyse_mask(mask, q_len, kv_len, window)
+    settings._mask_cache.insert(0, (mask, window, spans))
     del settings._mask_cache[2:]
     return spans
 
@@ -257,9 +303,13 @@ def _block_sparse(
     causal: bool,
     scale: float | None,
     mask: torch.Tensor | None = None,
+    window: int | None = None,
+    dense_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BlockSelection]:
     """Select and execute for ``q`` (at least one block), ``k``, ``v``; ``mask`` (bool ``(1, 1, Nq, Nk)``)
-    is the model's own pattern to intersect with, ``None`` for plain causal."""
+    is the model's own pattern to intersect with, ``None`` for plain causal (within ``window``, when
+    given: selection then happens inside the sliding window). ``dense_mask``: the model's mask for the
+    keep-everything case when ``mask`` is ``None`` but a window applies (the SDPA call the model makes)."""
     bs = settings.block_size
     options = dict(settings.options)
     # One finite check of q, k and v together (select_blocks and sparse_attention then skip theirs).
@@ -269,10 +319,15 @@ def _block_sparse(
     # attention, so run the dense kernel (same output as default attention, and faster).
     keeps_all = settings.selector == "dense" or (settings.sparsity == 0.0 and options.get("threshold") is None)
     if keeps_all:
-        sel = select_blocks(q, k, selector="dense", sparsity=0.0, block_size=bs, causal=causal, check_finite=False)
+        sel = select_blocks(q, k, selector="dense", sparsity=0.0, block_size=bs, causal=causal, window=window,
+                            check_finite=False)
+        if mask is None and window is not None and window < k.shape[2]:
+            if dense_mask is None:
+                raise ValueError("a windowed layer kept every block but no mask describes its window")
+            mask = dense_mask
         return _dense(q, k, v, mask, causal, scale), sel
     sel = select_blocks(q, k, selector=settings.selector, sparsity=settings.sparsity, block_size=bs, causal=causal,
-                        scale=scale, check_finite=False, **options)
+                        window=window, scale=scale, check_finite=False, **options)
     backend = settings.backend
     if backend == "auto":
         backend = "flex" if q.is_cuda else "sdpa"
@@ -326,7 +381,7 @@ def cab_attention_forward(
     kv_len = key.shape[2]
     layer = getattr(module, "layer_idx", None)
     if attention_mask is not None:
-        attention_mask = _as_bool_mask(attention_mask, q_len, kv_len)
+        attention_mask = as_bool_mask(attention_mask, q_len, kv_len)
     elif sliding_window is not None and causal and kv_len > sliding_window:
         raise ValueError(
             f"layer {layer} has sliding_window={sliding_window} but no mask arrived for {kv_len} keys; "
@@ -335,22 +390,30 @@ def cab_attention_forward(
     bs = settings.block_size
     sel: Any = None
     kept = total = 0
-    if q_len < bs:
+    # The window selection honours: only when sliding layers are sparsified (else they run dense below).
+    window = int(sliding_window) if (sliding_window is not None and causal) else None
+    if window is not None and settings.sliding == "dense":
+        # A sliding-window layer left dense: the SDPA call transformers' own path makes with its mask.
+        path = "sliding-dense"
+        out = _dense(query, key, value, attention_mask, causal, scaling)
+    elif q_len < bs:
         # Decode / short chunk: dense to the whole cache, under the model's own mask.
         path = "dense"
         out = _dense(query, key, value, attention_mask, causal, scaling)
     elif attention_mask is None:
+        # No mask: plain causal (a window, if any, covers every key: checked above).
         path = "sparse"
-        out, sel = _block_sparse(settings, query, key, value, causal, scaling)
+        out, sel = _block_sparse(settings, query, key, value, causal, scaling, window=window)
         kept, total = _count_blocks(sel)
     else:
         if not causal:
             raise ValueError("CAB attention with an attention_mask supports causal (decoder) attention only")
-        spans = _spans(settings, attention_mask, q_len, kv_len)
+        spans = _spans(settings, attention_mask, q_len, kv_len, window)
         if all(s is not None and s.causal and s.k0 == 0 and s.k1 == kv_len for s in spans):
-            # Plain causal with an offset (e.g. chunked prefill): one batched call.
+            # Plain causal (within the window, if any) with an offset (e.g. chunked prefill): one batched call.
             path = "sparse"
-            out, sel = _block_sparse(settings, query, key, value, True, scaling)
+            out, sel = _block_sparse(settings, query, key, value, True, scaling, window=window,
+                                     dense_mask=attention_mask)
             kept, total = _count_blocks(sel)
         else:
             # Padding, or a pattern of the model's own (sliding window): each row on its real span.
@@ -363,18 +426,20 @@ def cab_attention_forward(
                     continue
                 qi = query[i : i + 1, :, s.q0 : s.q1]
                 ki, vi = key[i : i + 1, :, s.k0 : s.k1], value[i : i + 1, :, s.k0 : s.k1]
-                sub = None if s.causal else attention_mask[i : i + 1, :, s.q0 : s.q1, s.k0 : s.k1]
+                row_mask = attention_mask[i : i + 1, :, s.q0 : s.q1, s.k0 : s.k1]
+                sub = None if s.causal else row_mask
                 if qi.shape[2] < bs:
-                    o = _dense(qi, ki, vi, sub, True, scaling)
+                    o = _dense(qi, ki, vi, row_mask if window is not None else sub, True, scaling)
                     sel.append(None)
                 else:
-                    o, sel_i = _block_sparse(settings, qi, ki, vi, True, scaling, sub)
+                    o, sel_i = _block_sparse(settings, qi, ki, vi, True, scaling, sub, window=window,
+                                             dense_mask=row_mask)
                     k_i, t_i = _count_blocks(sel_i)
                     kept, total = kept + k_i, total + t_i
                     sel.append(sel_i)
                 out[i : i + 1, :, s.q0 : s.q1] = o
     if settings.recorders:
-        rec = CallRecord(layer, path, b, q_len, kv_len, kept, total)
+        rec = CallRecord(layer, path, b, q_len, kv_len, kept, total, window if path in SPARSE_PATHS else None)
         for r in settings.recorders:
             r.calls.append(rec)
             if layer in r.capture:

@@ -35,15 +35,21 @@ class AttentionCallLog:
 
     @property
     def kept_blocks(self) -> int:
-        return sum(c.kept_blocks for c in self.calls if c.path != "dense")
+        return sum(c.kept_blocks for c in self.calls if c.sparse)
 
     @property
     def valid_blocks(self) -> int:
-        return sum(c.valid_blocks for c in self.calls if c.path != "dense")
+        return sum(c.valid_blocks for c in self.calls if c.sparse)
+
+    @property
+    def dense_layers(self) -> list[int | None]:
+        """Layers whose calls ran dense because of their sliding window (``"sliding-dense"``: prefill and decode)."""
+        return sorted({c.layer for c in self.calls if c.path == "sliding-dense"}, key=lambda x: (x is None, x))
 
     @property
     def density(self) -> float | None:
-        """Kept over causally valid blocks, summed over every block-sparse call (layers, heads, rows);
+        """Kept over valid blocks, summed over every block-sparse call (layers, heads, rows); dense calls
+        (decode, short chunks, sliding-window layers left dense: :attr:`dense_layers`) are not in it;
         ``None`` if no call was block-sparse (e.g. the prompt was shorter than a block)."""
         valid = self.valid_blocks
         return self.kept_blocks / valid if valid else None
@@ -53,7 +59,7 @@ class AttentionCallLog:
         kept: dict[int | None, int] = {}
         valid: dict[int | None, int] = {}
         for c in self.calls:
-            if c.path == "dense":
+            if not c.sparse:
                 continue
             kept[c.layer] = kept.get(c.layer, 0) + c.kept_blocks
             valid[c.layer] = valid.get(c.layer, 0) + c.valid_blocks
@@ -89,6 +95,7 @@ def enable(
     sparsity: float = 0.9,
     block_size: int = 64,
     backend: str = "auto",
+    sliding: str = "dense",
     **options: Any,
 ) -> Any:
     """Switch a loaded transformers model to CAB attention; returns the model.
@@ -101,6 +108,11 @@ def enable(
         block_size: selection block (a power of two).
         backend: ``"auto"`` (flex on CUDA, sdpa elsewhere), ``"reference"``, ``"flex"`` or ``"sdpa"``
             (see :data:`HF_BACKENDS`).
+        sliding: what happens to sliding-window layers (those transformers calls with ``sliding_window=``):
+            ``"dense"`` (default) runs them exactly as the model's SDPA attention with its window mask
+            (they already cost ``O(N w)``; recorded as ``"sliding-dense"``, outside the density);
+            ``"sparse"`` selects inside the window (a window-local sink, the diagonal, the budget over the
+            blocks the window allows) and executes under the window exactly.
         **options: selector options (see :mod:`cab_attention.options`); not ``scale``, which is always
             the model's own ``scaling``. ``check_finite=False`` skips the NaN/inf check of each prefill
             call's q, k and v (on by default; decode calls are not checked).
@@ -109,7 +121,7 @@ def enable(
     the implementation the model had before the first call.
     """
     _check_model(model)
-    options = check_settings(selector, sparsity, block_size, backend, options)
+    options = check_settings(selector, sparsity, block_size, backend, options, sliding)
     mods = attention_modules(model)
     if not mods:
         raise ValueError(
@@ -121,7 +133,8 @@ def enable(
     previous = old.previous if (old is not None and current == ATTN_NAME) else current
     if previous == ATTN_NAME:  # loaded with attn_implementation="cab" but never enabled: restore SDPA
         previous = None
-    settings = CABSettings(selector, float(sparsity), int(block_size), backend, options, previous=previous)
+    settings = CABSettings(selector, float(sparsity), int(block_size), backend, options, previous=previous,
+                           sliding=sliding)
     if old is not None:
         settings.recorders = old.recorders  # an open record() block keeps recording across a re-enable
     register()

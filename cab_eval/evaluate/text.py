@@ -95,12 +95,56 @@ class PasskeyPrompt:
     question_start: int
 
 
+BOS_FAMILIES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text"})
+"""Model types trained with BOS first whose GGUF tokenizers may not say so (``add_bos_token=False``)."""
+
+
+def decide_bos(tokenizer: Any, model_type: str | None, bos_token_id: int | None, flag: str = "auto") -> tuple[bool, str]:
+    """Whether prompts start with BOS, and why.
+
+    ``flag``: ``"yes"``/``"no"`` force it; ``"auto"``: yes when the tokenizer adds BOS itself, or when
+    the config names a BOS token and the model family is one trained with BOS first
+    (:data:`BOS_FAMILIES`: Gemma's GGUF tokenizer reports ``add_bos_token=False`` under some
+    transformers versions although the model needs it).
+    """
+    if flag not in ("auto", "yes", "no"):
+        raise ValueError(f"bos must be 'auto', 'yes' or 'no', got {flag!r}")
+    bos_id = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    if flag == "no":
+        return False, "--bos no"
+    if bos_id is None:
+        if flag == "yes":
+            raise ValueError("bos: 'yes' asked but neither the config nor the tokenizer has a bos_token_id")
+        return False, "no bos_token_id in config or tokenizer"
+    if flag == "yes":
+        return True, "--bos yes"
+    if getattr(tokenizer, "add_bos_token", False):
+        return True, "tokenizer adds BOS"
+    if bos_token_id is not None and (model_type or "") in BOS_FAMILIES:
+        return True, f"model family {model_type} needs BOS (config bos_token_id={bos_token_id})"
+    return False, "tokenizer adds no BOS and the family is not known to need one"
+
+
+def model_bos(tokenizer: Any, config: Any, flag: str = "auto") -> tuple[int | None, str]:
+    """The BOS id that should lead a prompt for this model (``None`` for none), and why: the one rule
+    the passkey, recall and RULER prompts share (:func:`decide_bos` on the decoder config's
+    ``model_type`` and ``bos_token_id``; Gemma-3's GGUF tokenizer says ``add_bos_token=False`` but the
+    model was trained with BOS first and fails without it)."""
+    tc = getattr(config, "text_config", None) or config
+    cfg_bos = getattr(tc, "bos_token_id", None) if tc is not None else None
+    use, reason = decide_bos(tokenizer, getattr(tc, "model_type", None), cfg_bos, flag)
+    if not use:
+        return None, reason
+    return int(cfg_bos if cfg_bos is not None else tokenizer.bos_token_id), reason
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def passkey_prompt(
-    tokenizer: Any, key: int, length: int, depth: float, *, align: int | None = 64
+    tokenizer: Any, key: int, length: int, depth: float, *, align: int | None = 64,
+    bos_id: int | None | str = "tokenizer", filler_ids: Sequence[int] | None = None,
 ) -> PasskeyPrompt:
     """The Landmark passkey prompt at ``length`` tokens with the needle at ``depth`` of the filler.
 
@@ -113,7 +157,10 @@ def passkey_prompt(
     diluted (at 2k tokens this doubled the oracle's needle-block hit). The
     prompt is then up to ``align - 1`` tokens shorter than ``length``, never longer, and every prompt
     of one length has the same token count whatever its key and depth. ``None`` keeps the exact
-    length. The tokenizer's BOS (if it adds one) leads the prompt.
+    length. ``bos_id``: the BOS that leads the prompt (``None`` for none; the default ``"tokenizer"``:
+    the tokenizer's, if it adds one; evaluations pass :func:`model_bos`'s). ``filler_ids``: token ids of
+    another filler (e.g. a corpus, :func:`haystack_ids`) instead of Landmark's repeated lines; at least
+    the filler's length.
     """
     if isinstance(key, bool) or not isinstance(key, int) or not KEY_RANGE[0] <= key <= KEY_RANGE[1]:
         raise ValueError(f"key must be an int in [{KEY_RANGE[0]}, {KEY_RANGE[1]}], got {key!r}")
@@ -121,7 +168,13 @@ def passkey_prompt(
         raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise ValueError(f"align must be None or a positive int (the block size), got {align!r}")
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    if isinstance(bos_id, str):
+        if bos_id != "tokenizer":
+            raise ValueError(f"bos_id must be an int, None or 'tokenizer', got {bos_id!r}")
+        tok_bos = getattr(tokenizer, "bos_token_id", None)
+        bos = [tok_bos] if getattr(tokenizer, "add_bos_token", False) and tok_bos is not None else []
+    else:
+        bos = [] if bos_id is None else [int(bos_id)]
     head = bos + _ids(tokenizer, TASK + "\n")
     needle = _ids(tokenizer, "\n" + NEEDLE.format(key=key) + "\n")
     question = _ids(tokenizer, "\n" + QUESTION)
@@ -135,9 +188,14 @@ def passkey_prompt(
         n_filler = q_start - len(head) - len(needle)
         if n_filler < 16:
             raise ValueError(f"length={length} is too short to align the question to {align} tokens")
-    unit = _ids(tokenizer, " ".join([FILLER] * 4))
-    reps = n_filler // max(1, len(unit)) + 2
-    filler = _ids(tokenizer, " ".join([FILLER] * (4 * reps)))
+    if filler_ids is not None:
+        filler = list(filler_ids)
+        if len(filler) < n_filler:
+            raise ValueError(f"filler_ids holds {len(filler)} tokens, fewer than the {n_filler} this prompt needs")
+    else:
+        unit = _ids(tokenizer, " ".join([FILLER] * 4))
+        reps = n_filler // max(1, len(unit)) + 2
+        filler = _ids(tokenizer, " ".join([FILLER] * (4 * reps)))
     before = int(round(depth * n_filler))
     after = n_filler - before
     # The trailing filler restarts from the top of the text, as a fresh cut of the same filler.
@@ -190,12 +248,14 @@ def essay_texts() -> list[tuple[str, str]]:
     return [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(essays_dir().glob("*.txt"))]
 
 
-def haystack_ids(tokenizer: Any, n_tokens: int, *, start_essay: int = 0) -> list[int]:
-    """At least ``n_tokens`` tokens of essays, concatenated from ``start_essay`` on (wrapping), cut to
-    ``n_tokens``. Raises ``ValueError`` if the corpus is shorter."""
+def haystack_ids(tokenizer: Any, n_tokens: int, *, start_essay: int = 0,
+                 texts: Sequence[tuple[str, str]] | None = None) -> list[int]:
+    """At least ``n_tokens`` tokens of essays (or ``texts``, ``(name, text)`` pairs of another corpus),
+    concatenated from ``start_essay`` on (wrapping), cut to ``n_tokens``. Raises ``ValueError`` if the
+    corpus is shorter."""
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
-    texts = essay_texts()
+    texts = essay_texts() if texts is None else list(texts)
     ids: list[int] = []
     for i in range(len(texts)):
         ids += _ids(tokenizer, texts[(start_essay + i) % len(texts)][1].strip() + "\n\n")
@@ -204,11 +264,12 @@ def haystack_ids(tokenizer: Any, n_tokens: int, *, start_essay: int = 0) -> list
     raise ValueError(f"the essays hold only {len(ids)} tokens, fewer than n_tokens={n_tokens}")
 
 
-def haystack_windows(tokenizer: Any, n_tokens: int, count: int, *, seed: int = 0) -> list[list[int]]:
-    """``count`` disjoint windows of ``n_tokens`` tokens from the essays, in a seeded order."""
+def haystack_windows(tokenizer: Any, n_tokens: int, count: int, *, seed: int = 0,
+                     texts: Sequence[tuple[str, str]] | None = None) -> list[list[int]]:
+    """``count`` disjoint windows of ``n_tokens`` tokens from the essays (or ``texts``), in a seeded order."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive int, got {count!r}")
-    texts = essay_texts()
+    texts = essay_texts() if texts is None else list(texts)
     all_ids: list[int] = []
     for _, text in texts:
         all_ids += _ids(tokenizer, text.strip() + "\n\n")
