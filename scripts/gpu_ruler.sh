@@ -50,7 +50,7 @@ fi
 
 MODEL=${1:-}
 case $MODEL in
-  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=160; HARD=215; BATCH=2 ;;
+  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=${RULER_LIMIT:-160}; HARD=${RULER_HARD:-215}; BATCH=2 ;;
   smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=45; HARD=65; BATCH=4 ;;
   *) echo "usage: bash scripts/gpu_ruler.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
