@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .options import DEFAULT_SELECTOR
 from .execute import sparse_attention
 from .geometry import check_qkv
 from .selection import BlockSelection
@@ -171,7 +172,7 @@ def select_heads(
     kh: torch.Tensor,
     group=None,
     *,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,
@@ -193,7 +194,7 @@ def context_parallel_attention(
     v: torch.Tensor,
     *,
     group=None,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .options import DEFAULT_SELECTOR
 from .geometry import BlockGrid, check_block_size, check_qkv, check_sparsity
 from .geometry import check_finite as check_finite_fn
 from .options import resolve_options
@@ -267,7 +268,7 @@ def sparse_attention(
         selection: a :class:`BlockSelection` for these inputs; it must keep at least one causally valid
             block in every row. Passing ``selector``, ``sparsity`` or a selector option with it is a
             ``ValueError`` (they would have no effect).
-        selector: default ``"cab"``; sparsity: default ``0.9`` (see :func:`cab_attention.select_blocks`);
+        selector: default :data:`cab_attention.options.DEFAULT_SELECTOR` (``"antidiagonal"``); sparsity: default ``0.9`` (see :func:`cab_attention.select_blocks`);
             ``DEFAULT`` marks "not passed", so that passing either with ``selection`` can be refused.
         block_size: tokens per block (default 64; with ``selection``, the selection's).
         check_finite: raise ``ValueError`` naming q, k or v when it holds NaN or inf (default). The check
@@ -302,7 +303,7 @@ def sparse_attention(
         if auto_runs_dense(q, k, selection):
             # The selection arguments are still checked: a bad one is an error at every length.
             check_sparsity(0.9 if sparsity is DEFAULT else sparsity)
-            resolve_options("cab" if selector is DEFAULT else selector, options)
+            resolve_options(DEFAULT_SELECTOR if selector is DEFAULT else selector, options)
             if not isinstance(causal, bool):
                 raise ValueError(f"causal must be True or False, got {causal!r}")
             if check_finite:
@@ -316,7 +317,7 @@ def sparse_attention(
         if check_finite:
             check_finite_fn(q=q, k=k, v=v)
         selection = select_blocks(
-            q, k, selector="cab" if selector is DEFAULT else selector, sparsity=0.9 if sparsity is DEFAULT else sparsity,
+            q, k, selector=DEFAULT_SELECTOR if selector is DEFAULT else selector, sparsity=0.9 if sparsity is DEFAULT else sparsity,
             block_size=block_size, causal=causal, check_finite=False, **options,
         )
     else:

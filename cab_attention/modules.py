@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .options import DEFAULT_SELECTOR
 from .execute import BACKENDS, sparse_attention
 from .geometry import check_block_size, check_finite, check_sparsity
 from .options import resolve_options
@@ -28,7 +29,7 @@ class CABAttention(nn.Module):
         num_kv_heads: int | None = None,
         block_size: int = 64,
         sparsity: float = 0.9,
-        selector: str = "cab",
+        selector: str = DEFAULT_SELECTOR,
         *,
         backend: str = "auto",
         causal: bool = True,
@@ -92,7 +93,7 @@ class CABAttentionLayer(nn.Module):
         num_kv_heads: int | None = None,
         block_size: int = 64,
         sparsity: float = 0.9,
-        selector: str = "cab",
+        selector: str = DEFAULT_SELECTOR,
         *,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,

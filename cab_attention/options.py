@@ -149,6 +149,13 @@ SELECTOR_OPTIONS: dict[str, dict[str, tuple[Any, Check]]] = {
 #: The selector names, in table order.
 SELECTORS: tuple[str, ...] = tuple(SELECTOR_OPTIONS)
 
+#: The selector that ``select_blocks``, ``sparse_attention``, the modules and ``hf.enable`` use when none is
+#: named. Chosen by the pre-registered rule of docs/results.md ("Pre-registered selector search
+#: (2026-12-04)", rule 3): no candidate beat ``antidiagonal``, so the default is that best baseline. It
+#: kept the most attention among the baselines on SmolLM2 (H100 ablation, 2026-11-25) and retrieved the
+#: passkey where ``cab``'s defaults (streaming's blocks in most rows) did not.
+DEFAULT_SELECTOR = "antidiagonal"
+
 #: CAB as first formulated: augmented Forman curvature, keep the lowest, max-L2 coarsening.
 FORMAN_KEEP_LOWEST_MAXL2: dict[str, Any] = {"score": "forman", "keep": "lowest", "coarsen": "max_l2"}
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from .options import DEFAULT_SELECTOR
 from . import score as S
 from .allocation import allocate
 from .coarsen import coarsen
@@ -436,7 +437,7 @@ def select_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,

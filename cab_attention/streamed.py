@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from .options import DEFAULT_SELECTOR
 from . import score as S
 from .coarsen import coarsen
 from .geometry import BlockGrid, blocks_kept, check_block_size, check_finite, check_qkv, check_sparsity
@@ -400,7 +401,7 @@ def select_blocks_streamed(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,
@@ -465,7 +466,7 @@ def sparse_attention_streamed(
     v: torch.Tensor,
     *,
     selection: CompactSelection | None = None,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,
@@ -532,7 +533,7 @@ def workspace_bytes(
     sparsity: float = 0.95,
     row_tile: int = 256,
     col_chunk: int = 2048,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     elem_bytes: int = 2,
     share_kv: bool = False,
 ) -> dict[str, int]:

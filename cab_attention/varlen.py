@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from .options import DEFAULT_SELECTOR
 from .execute import BACKENDS, check_flex_available, compiled_flex_attention, flex_kernel_options, sparse_attention
 from .geometry import check_block_size
 from .select import kv_layout
@@ -362,7 +363,7 @@ def select_blocks_varlen(
     max_seqlen_q: int,
     max_seqlen_k: int,
     *,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,
@@ -468,7 +469,7 @@ def sparse_attention_varlen(
     max_seqlen_q: int,
     max_seqlen_k: int,
     *,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     causal: bool = True,

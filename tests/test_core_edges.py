@@ -11,8 +11,8 @@ import cab_attention as ca
 def test_positive_edges_rank_zero_affinity_last(keep, share_kv):
     torch.manual_seed(3)
     q, k = torch.randn(2, 4, 400, 16), torch.randn(2, 2, 400, 16)
-    base = ca.select_blocks(q, k, sparsity=0.6, block_size=16, keep=keep, share_kv=share_kv)
-    sel = ca.select_blocks(q, k, sparsity=0.6, block_size=16, keep=keep, share_kv=share_kv,
+    base = ca.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=16, keep=keep, share_kv=share_kv)
+    sel = ca.select_blocks(q, k, selector="cab", sparsity=0.6, block_size=16, keep=keep, share_kv=share_kv,
                            edges="positive", return_diagnostics=True)
     assert torch.equal(sel.kv_num_blocks, base.kv_num_blocks)  # the budget does not move
     a = sel.diagnostics["A"]
@@ -32,6 +32,6 @@ def test_positive_edges_rank_zero_affinity_last(keep, share_kv):
 def test_positive_edges_rejected_by_triton():
     q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
     with pytest.raises(ValueError, match="edges"):
-        ca.select_blocks(q, k, block_size=16, edges="positive", impl="triton")
+        ca.select_blocks(q, k, selector="cab", block_size=16, edges="positive", impl="triton")
     with pytest.raises(ValueError, match="edges"):
-        ca.select_blocks(q, k, block_size=16, edges="both")
+        ca.select_blocks(q, k, selector="cab", block_size=16, edges="both")

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..options import DEFAULT_SELECTOR
 from .attention import ATTN_NAME, CABSettings, CallRecord, check_settings, register
 
 
@@ -91,7 +92,7 @@ def _check_model(model: Any) -> None:
 
 def enable(
     model: Any,
-    selector: str = "cab",
+    selector: str = DEFAULT_SELECTOR,
     sparsity: float = 0.9,
     block_size: int = 64,
     backend: str = "auto",
