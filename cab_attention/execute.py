@@ -299,6 +299,7 @@ def sparse_attention(
     check_block_size(block_size)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen_by_auto = backend == "auto"
     if backend == "auto":
         if auto_runs_dense(q, k, selection):
             # The selection arguments are still checked: a bad one is an error at every length.
@@ -330,6 +331,10 @@ def sparse_attention(
     windowed = selection.grid.window is not None
     if q.shape[2] < block_size and not windowed:
         return dense_attention(q, k, v, causal=causal, scale=scale)
+    if backend == "triton" and windowed and chosen_by_auto:
+        # The Triton kernel masks only the diagonal block; auto takes flex, which applies the window.
+        backend = "flex"
+        check_flex_available(q, block_size)
     if backend == "triton" and windowed:
         raise ValueError(
             "backend='triton' does not honour a sliding window (its kernel masks only the diagonal block); "

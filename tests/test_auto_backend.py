@@ -118,3 +118,18 @@ def test_dense_fallback_keeps_input_checks(monkeypatch):
 
 def test_break_even_constant_is_an_int():
     assert isinstance(E.AUTO_DENSE_BELOW, int) and E.AUTO_DENSE_BELOW >= 0
+
+
+def test_auto_takes_flex_for_a_windowed_selection(monkeypatch):
+    """The Triton kernel masks only the diagonal block, so auto must not hand it a sliding-window selection;
+    an explicit backend='triton' is refused instead."""
+    q, k, v = qkv(n=128)
+    sel = select_blocks(q, k, selector="magnitude", sparsity=0.5, block_size=16, window=40)
+    monkeypatch.setattr(E, "auto_backend", lambda q, bs: "triton")
+    monkeypatch.setattr(E, "check_flex_available", lambda q, bs: None)
+    calls = []
+    monkeypatch.setattr(E, "flex_attention_blocks", lambda q, k, v, s, scale=None: calls.append("flex") or q.clone())
+    sparse_attention(q, k, v, selection=sel)
+    assert calls == ["flex"]
+    with pytest.raises(ValueError, match="sliding window"):
+        sparse_attention(q, k, v, selection=sel, backend="triton")

@@ -51,10 +51,10 @@ ATTN_NAME = "cab"
 """The name CAB attention is registered under in transformers' attention and mask registries."""
 
 HF_BACKENDS = BACKENDS + ("sdpa",)
-"""Execution of a selection inside a model: the core's ``reference`` and ``flex``, plus ``sdpa`` (exact
-attention under the selection's token mask through SDPA's fused kernels, chunked over queries: the
-same result as ``reference``, several times faster on CPU, O(N^2) work like dense). ``auto``: flex on
-CUDA, sdpa elsewhere."""
+"""Execution of a selection inside a model: the core's ``reference``, ``flex`` and ``triton``, plus ``sdpa``
+(exact attention under the selection's token mask through SDPA's fused kernels, chunked over queries: the
+same result as ``reference``, several times faster on CPU, O(N^2) work like dense). ``auto``: the core's
+auto on CUDA (the Triton kernel; flex for windowed selections), sdpa elsewhere."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +330,9 @@ def _block_sparse(
                         window=window, scale=scale, check_finite=False, **options)
     backend = settings.backend
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "sdpa"
+        # On CUDA the core's auto: the Triton kernel (flex for windowed selections); SDPA under the token
+        # mask elsewhere (several times faster than the reference on CPU).
+        backend = "auto" if q.is_cuda else "sdpa"
     if mask is None and backend != "sdpa":
         out = sparse_attention(q, k, v, selection=sel, block_size=bs, causal=causal, backend=backend, scale=scale,
                                check_finite=False)

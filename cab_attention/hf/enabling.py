@@ -107,7 +107,7 @@ def enable(
         selector: one of :data:`cab_attention.SELECTORS`.
         sparsity: in ``[0, 1)``, the share of causal blocks each query-block row drops.
         block_size: selection block (a power of two).
-        backend: ``"auto"`` (flex on CUDA, sdpa elsewhere), ``"reference"``, ``"flex"`` or ``"sdpa"``
+        backend: ``"auto"`` (on CUDA the Triton kernel, flex for windowed selections; sdpa elsewhere), ``"reference"``, ``"flex"``, ``"triton"`` or ``"sdpa"``
             (see :data:`HF_BACKENDS`).
         sliding: what happens to sliding-window layers (those transformers calls with ``sliding_window=``):
             ``"dense"`` (default) runs them exactly as the model's SDPA attention with its window mask
