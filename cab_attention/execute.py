@@ -14,9 +14,10 @@ Backends:
   reads ``kv_num_blocks`` / ``kv_indices`` directly); CUDA, or CPU under ``TRITON_INTERPRET=1``.
 * ``auto`` (:func:`auto_backend`): ``triton`` on CUDA for float16/bfloat16/float32 where the kernel can
   run (triton importable, block >= 16, D <= 256), else ``flex`` on CUDA (not float64), else
-  ``reference``. When ``auto`` would select the blocks itself (no ``selection=``) and the context is
-  shorter than :data:`AUTO_DENSE_BELOW` keys, it runs dense SDPA instead: the result is then *exact
-  dense attention* (no block is dropped), because below the break-even selecting costs more than it saves.
+  ``reference``. When ``auto`` would select the blocks itself (no ``selection=``, no ``window``), would run
+  the Triton kernel, and the context is shorter than :data:`AUTO_DENSE_BELOW` keys (8192, measured on an
+  H200), it runs dense SDPA instead: the result is then *exact dense attention* (no block is dropped),
+  because below the break-even selecting costs more than it saves.
 
 Inputs are checked before anything runs: shapes and dtypes, NaN/inf in q, k, v (``check_finite``), and a
 given selection's grid and rows (every row must keep a causally valid block).
@@ -42,13 +43,24 @@ from .selection import BlockSelection
 BACKENDS = ("auto", "reference", "flex", "triton")
 
 #: ``backend="auto"`` without a given selection runs dense SDPA (exact dense attention) when the key
-#: length is below this many tokens: the measured break-even of select + sparse attention against
-#: cuDNN SDPA. 0 = off. It is off because no run has measured the break-even with the current kernels
-#: on the H200: docs/kernels.md (2026-12-04) times the attention kernel alone (7.1x cuDNN at 8k, 95%,
-#: no predictor), and the only end-to-end run (H100, 2026-11-25, docs/benchmarks.md: ~10k tokens) used
-#: FlexAttention and the previous predictor. The lead sets it from ``scripts/gpu_speed.sh``'s
-#: ``break-even`` line (``cab bench summary``), naming that run here.
-AUTO_DENSE_BELOW = 0
+#: length is below this many tokens and ``auto`` would run a backend of :data:`AUTO_DENSE_BACKENDS`:
+#: below the measured break-even, selecting costs more than it saves. 0 = off.
+#: Measured on one NVIDIA H200, 2026-12-04 (``scripts/gpu_speed.sh``,
+#: results/benchmarks/nvidia-h200-2026-12-04.csv, docs/benchmarks.md): B = 1, 32/8 heads, D = 128, bf16,
+#: 95%, ``cab`` with the default options, Triton predictor and Triton attention
+#: (``total:cab-default[triton]+triton``) against cuDNN SDPA: 0.845 vs 0.259 ms at 4k, 0.962 vs 0.887 ms
+#: at 8k (dense faster), 0.897 vs 3.307 ms at 16k (sparse faster); the summary interpolates ~8532 tokens.
+#: The Forman options at 90% (``total:cab[triton]+triton``) cross in the same interval (8k slower, 16k
+#: faster). So keys < 8192 -> dense is measured to be faster (at exactly 8192 the sparse path was still
+#: 8% slower; between 8k and 16k nothing was measured). The library's default predictor is
+#: ``impl="torch"``, not timed with the Triton backend in that run; on the H100 (2026-11-25) it was
+#: 2.5-3.2x slower than ``impl="triton"`` at 1k-16k (``predictor:cab[torch]`` vs ``[triton]``,
+#: results/benchmarks/nvidia-h100-80gb-hbm3-2026-11-25.csv), so its break-even is not expected below this one.
+AUTO_DENSE_BELOW = 8192
+
+#: The backends ``auto`` picks for which :data:`AUTO_DENSE_BELOW` was measured: only the Triton kernel on
+#: CUDA. On CPU (``reference``) or with FlexAttention nothing was measured, so ``auto`` selects there.
+AUTO_DENSE_BACKENDS = ("triton",)
 
 
 class _Default:
@@ -227,10 +239,14 @@ def auto_backend(q: torch.Tensor, block_size: int) -> str:
     return "reference"
 
 
-def auto_runs_dense(q: torch.Tensor, k: torch.Tensor, selection: BlockSelection | None) -> bool:
-    """Whether ``backend="auto"`` skips selection and runs exact dense attention: no selection given and
-    fewer than :data:`AUTO_DENSE_BELOW` keys (``k`` ``[B, Hkv, Nk, D]``)."""
-    return selection is None and k.shape[2] < AUTO_DENSE_BELOW
+def auto_runs_dense(q: torch.Tensor, k: torch.Tensor, selection: BlockSelection | None, block_size: int = 64,
+                    window: int | None = None) -> bool:
+    """Whether ``backend="auto"`` skips selection and runs exact dense attention: no selection given, no
+    sliding ``window`` (dense SDPA would ignore it), fewer than :data:`AUTO_DENSE_BELOW` keys (``k``
+    ``[B, Hkv, Nk, D]``), and ``auto`` would run a backend of :data:`AUTO_DENSE_BACKENDS` (``q``
+    ``[B, Hq, Nq, D]``, ``block_size`` as for :func:`auto_backend`)."""
+    return (selection is None and window is None and k.shape[2] < AUTO_DENSE_BELOW
+            and auto_backend(q, block_size) in AUTO_DENSE_BACKENDS)
 
 
 def _check_selection(selection: BlockSelection, q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool):
@@ -275,8 +291,8 @@ def sparse_attention(
             reads the three tensors once and syncs with the host once; pass ``False`` to skip it where the
             inputs are known to be finite (its cost is measured by ``scripts/gpu_house.py``).
         backend: ``"auto"`` (:func:`auto_backend`: triton on CUDA where the kernel runs, else flex on
-            CUDA, else reference; without ``selection`` and below :data:`AUTO_DENSE_BELOW` keys, exact
-            dense SDPA instead), ``"reference"``, ``"flex"`` or ``"triton"``.
+            CUDA, else reference; where it runs triton, without ``selection`` or ``window`` and below
+            :data:`AUTO_DENSE_BELOW` keys, exact dense SDPA instead), ``"reference"``, ``"flex"`` or ``"triton"``.
         **options: selector options (see :func:`cab_attention.select_blocks`); ``scale`` also sets the
             attention scale (default ``D**-0.5``).
 
@@ -301,7 +317,7 @@ def sparse_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     chosen_by_auto = backend == "auto"
     if backend == "auto":
-        if auto_runs_dense(q, k, selection):
+        if auto_runs_dense(q, k, selection, block_size, options.get("window")):
             # The selection arguments are still checked: a bad one is an error at every length.
             check_sparsity(0.9 if sparsity is DEFAULT else sparsity)
             resolve_options(DEFAULT_SELECTOR if selector is DEFAULT else selector, options)

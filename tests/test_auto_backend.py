@@ -70,9 +70,13 @@ def test_auto_dispatches_to_the_triton_kernel(monkeypatch):
 
     monkeypatch.setattr(E, "auto_backend", lambda q, bs: "triton")
     monkeypatch.setattr(A, "triton_attention_blocks", spy)
+    monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 128)  # 128 keys: not below, so select + the kernel
     out = sparse_attention(q, k, v, sparsity=0.5, block_size=32)
     assert len(calls) == 1
     torch.testing.assert_close(out, reference_attention(q, k, v, calls[0]))
+    monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 129)  # below the break-even where auto runs triton: dense
+    torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.5, block_size=32), dense_attention(q, k, v))
+    assert len(calls) == 1  # the kernel did not run again
 
 
 def test_dense_fallback_below_the_break_even(monkeypatch):
@@ -81,6 +85,8 @@ def test_dense_fallback_below_the_break_even(monkeypatch):
     sparse = reference_attention(q, k, v, sel)
     dense = dense_attention(q, k, v)
     assert not torch.allclose(sparse, dense)  # the two outcomes differ, so the test can fail
+    # On CPU auto runs the reference backend, for which no break-even was measured: let it count here.
+    monkeypatch.setattr(E, "AUTO_DENSE_BACKENDS", ("triton", "reference"))
     monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 0)  # off: select + sparse
     torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.75, block_size=32), sparse)
     monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 129)  # 128 keys < 129: exact dense attention
@@ -89,10 +95,26 @@ def test_dense_fallback_below_the_break_even(monkeypatch):
     torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.75, block_size=32), sparse)
 
 
+def test_dense_fallback_only_where_it_was_measured(monkeypatch):
+    """Whatever AUTO_DENSE_BELOW is, auto selects blocks where its backend is not in AUTO_DENSE_BACKENDS
+    (on CPU: reference), and with a sliding window (dense SDPA would ignore it)."""
+    q, k, v = qkv(n=128)
+    sparse = reference_attention(q, k, v, select_blocks(q, k, sparsity=0.75, block_size=32))
+    monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 10**6)
+    assert E.auto_backend(q, 32) not in E.AUTO_DENSE_BACKENDS
+    torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.75, block_size=32), sparse)
+    monkeypatch.setattr(E, "AUTO_DENSE_BACKENDS", ("triton", "reference"))
+    assert E.auto_runs_dense(q, k, None, 32)
+    assert not E.auto_runs_dense(q, k, None, 32, window=64)
+    windowed = reference_attention(q, k, v, select_blocks(q, k, sparsity=0.5, block_size=32, window=64))
+    torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.5, block_size=32, window=64), windowed)
+
+
 def test_dense_fallback_never_overrides_a_given_selection_or_backend(monkeypatch):
     q, k, v = qkv(n=128)
     sel = select_blocks(q, k, sparsity=0.75, block_size=32)
     sparse = reference_attention(q, k, v, sel)
+    monkeypatch.setattr(E, "AUTO_DENSE_BACKENDS", ("triton", "reference"))
     monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 10**6)
     torch.testing.assert_close(sparse_attention(q, k, v, selection=sel), sparse)
     torch.testing.assert_close(sparse_attention(q, k, v, sparsity=0.75, block_size=32, backend="reference"), sparse)
@@ -100,6 +122,7 @@ def test_dense_fallback_never_overrides_a_given_selection_or_backend(monkeypatch
 
 def test_dense_fallback_keeps_input_checks(monkeypatch):
     q, k, v = qkv(n=128)
+    monkeypatch.setattr(E, "AUTO_DENSE_BACKENDS", ("triton", "reference"))
     monkeypatch.setattr(E, "AUTO_DENSE_BELOW", 10**6)
     with pytest.raises(ValueError, match="selector"):
         sparse_attention(q, k, v, selector="nope")
@@ -116,8 +139,9 @@ def test_dense_fallback_keeps_input_checks(monkeypatch):
                                dense_attention(q, k, v, scale=0.1, causal=False))
 
 
-def test_break_even_constant_is_an_int():
+def test_break_even_constants_are_well_formed():
     assert isinstance(E.AUTO_DENSE_BELOW, int) and E.AUTO_DENSE_BELOW >= 0
+    assert set(E.AUTO_DENSE_BACKENDS) <= set(E.BACKENDS) - {"auto"}
 
 
 def test_auto_takes_flex_for_a_windowed_selection(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 from cab_attention import select_blocks
 from cab_eval.benchmark import cli as bench_cli
-from cab_eval.benchmark import implementations, inputs, io, summary
+from cab_eval.benchmark import implementations, inputs, io, speed_report, summary
 from cab_eval.cli import main as cab_main
 
 TINY = ["--dry-run", "--n", "128", "--batches", "2", "--batch-n", "128", "--sparsities", "0.5",
@@ -171,9 +171,16 @@ def test_docs_benchmarks_page_is_what_its_command_generates(monkeypatch):
     opts = dict(zip(args[3::2], args[4::2]))
     csv_path, plots_dir = Path(opts["--csv"]), Path(opts["--plots-dir"])
     assert opts["--out"] == "docs/benchmarks.md"
+    previous = Path(opts["--previous"]) if "--previous" in opts else None
+    model_csv = Path(opts["--model-csv"]) if "--model-csv" in opts else None
     stem = csv_path.stem
     plots = [plots_dir / f"{stem}-latency.png", plots_dir / f"{stem}-breakdown.png"]
-    for p in [csv_path, *plots]:
+    for p in [csv_path, *plots, *[x for x in (previous, model_csv) if x is not None]]:
         assert (root / p).is_file(), p
     monkeypatch.chdir(root)
-    assert summary.render(io.read_csv(csv_path), csv_path, plots, Path("docs/benchmarks.md"), command) == page
+    # The kept-rate plot is not redrawn either: the committed PNG stands in (absent -> no link -> a mismatch).
+    monkeypatch.setattr(speed_report, "kept_rate_plot", lambda rows, out_path, s=0.95: out_path if out_path.is_file() else None)
+    rendered = summary.render(io.read_csv(csv_path), csv_path, plots, Path("docs/benchmarks.md"), command,
+                              io.read_csv(previous) if previous else None, plots_dir,
+                              io.read_csv(model_csv) if model_csv else None, model_csv)
+    assert rendered == page

@@ -110,9 +110,9 @@ def test_breakdown_kept_rate_and_memory_tables():
     assert "| `predictor:antidiagonal[triton]` | - | - | 1700 |" in mem
 
 
-def write(path, rows):
+def write(path, rows, fieldnames=io.COLUMNS):
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=io.COLUMNS)
+        w = csv.DictWriter(f, fieldnames=fieldnames)
         w.writeheader()
         w.writerows(rows)
 
@@ -131,6 +131,38 @@ def test_summary_page_has_the_speed_sections(tmp_path):
         assert want in page, want
     assert (folder / "nvidia-h200-2026-12-04-kept-rate.png").exists()
     assert summary.main(["--csv", str(folder / "nvidia-h200-2026-12-04.csv"), "--compact"]) == 0
+
+
+def test_model_section_follows_the_model_csv(tmp_path):
+    """`--model-csv` adds the time-to-first-token section; its figures are the CSV's; a failed row is listed."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    write(folder / "nvidia-h200-2026-12-04.csv", today_rows())
+    base = {"date": "2026-12-04", "device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "n": str(N),
+            "layers": "4", "selector": "", "backend": "", "impl": "", "block_size": "64", "density": "",
+            "attention_ms": "", "attention_share": "", "speedup_forward": "", "speedup_attention": "",
+            "peak_gib": "18.2", "status": "ok"}
+    model = [dict(base, variant="none", sparsity="0.0", ms="445.263"),
+             dict(base, variant="dense:sdpa-cudnn", sparsity="0.0", ms="1484.482", attention_ms="1039.219",
+                  attention_share="0.7001", speedup_forward="1.0", speedup_attention="1.0"),
+             dict(base, variant="sparse:cab[triton]/triton", sparsity="0.95", density="0.0505", ms="588.865",
+                  attention_ms="143.602", attention_share="0.2439", speedup_forward="2.521", speedup_attention="7.237"),
+             dict(base, variant="sparse:cab[flex]/triton", sparsity="0.95", ms="", status="failed: OOM")]
+    write(folder / "model-nvidia-h200-2026-12-04.csv", model, list(base) + ["variant", "sparsity", "ms"])
+    out = tmp_path / "benchmarks.md"
+    argv = ["--csv", str(folder / "nvidia-h200-2026-12-04.csv"), "--out", str(out), "--no-plots",
+            "--model-csv", str(folder / "model-nvidia-h200-2026-12-04.csv")]
+    assert summary.main(argv) == 0
+    page = out.read_text()
+    assert "## Time to first token" in page and "--model-csv" in page
+    assert "| 128k | `sparse:cab[triton]/triton` | 95% | 0.0505 | 588.9 | 143.6 | 24.4% | 2.52 | 7.24 |" in page
+    assert "| 128k | `dense:sdpa-cudnn` | - | - | 1484 | 1039 | 70.0% |" in page
+    assert "failed: OOM" in page
+    model[2]["speedup_forward"] = "2.4"
+    write(folder / "model-nvidia-h200-2026-12-04.csv", model, list(base) + ["variant", "sparsity", "ms"])
+    assert summary.main(argv) == 0
+    assert "| 2.40 | 7.24 |" in out.read_text()
+    assert summary.main(argv[:-1] + [str(folder / "absent.csv")]) == 2
 
 
 def test_recorder_writes_after_every_row_and_marks_mismatches(tmp_path):

@@ -393,10 +393,12 @@ def predict(
 
 #: ``select_blocks(..., impl="triton")`` replays a CUDA graph (:func:`cab_attention.kernels.graphs.predict_graphed`)
 #: for CUDA inputs with at most this many keys, where the options are capturable (fixed sparsity, no
-#: diagnostics). 0 = off: the graphed path has not yet been checked equal to the eager one on a GPU. The
-#: check is ``scripts/gpu_speed.sh`` (``predictor:*[*-graph]`` rows, status ``mismatch`` on any
-#: difference); once every such row is ``ok``, set this to the longest N measured there (16k) and name the run.
-GRAPH_MAX_KEYS = 0
+#: diagnostics). 0 = off. 8192: the longest N at which the graphed path was checked equal to the eager
+#: one on a GPU: ``scripts/gpu_predictor.py --no-bench`` on one NVIDIA H200, 2026-12-04 (torch 2.11, triton
+#: 3.6), "graphed vs eager" PASS for cab, magnitude and antidiagonal at 64- and 128-token blocks, bf16,
+#: N = 1k, 4k and 8k (results/gpu-2026-12-04/predictor-checks/). Longer inputs run eagerly until a run
+#: checks them; whether the graph is faster was not measured in that run.
+GRAPH_MAX_KEYS = 8192
 
 
 def _on_cuda(q: torch.Tensor) -> bool:

@@ -5,15 +5,18 @@ Every figure in the page comes from the CSV; the targets are marked met / not me
 the data, never assumed. The page states the command that regenerates it. Usage::
 
     cab bench summary [--csv results/benchmarks/<device>-<date>.csv] [--out runs/bench/benchmarks.md]
-        [--plots-dir DIR] [--compact]
+        [--plots-dir DIR] [--model-csv model.csv] [--compact]
 
-The docs page: ``cab bench summary --csv results/benchmarks/nvidia-h100-80gb-hbm3-2026-11-25.csv
---out docs/benchmarks.md --plots-dir results/benchmarks``. Without ``--csv`` it takes the newest GPU
+The docs page: ``cab bench summary --csv results/benchmarks/nvidia-h200-2026-12-04.csv
+--out docs/benchmarks.md --plots-dir results/benchmarks --model-csv
+results/benchmarks/model-nvidia-h200-2026-12-04.csv`` (the regression table compares with the H100 CSV
+beside it). Without ``--csv`` it takes the newest GPU
 CSV in ``runs/bench``, else in ``results/benchmarks`` (a CPU dry-run CSV only when no other exists).
 ``--out`` defaults to ``runs/bench/benchmarks.md`` and the plots go beside the CSV unless
 ``--plots-dir`` says otherwise. ``--previous`` names an earlier run's CSV for the regression table
 (default: the newest other GPU CSV beside ``--csv`` with an earlier date). Rows of the Triton attention
-backend add the issue-9 sections (:mod:`cab_eval.benchmark.speed_report`). ``--compact`` prints a short plain-text table (what
+backend add the issue-9 sections (:mod:`cab_eval.benchmark.speed_report`). ``--model-csv`` names a CSV of
+``cab bench model`` (time to first token of a Llama-3-8B-shaped model) and adds its section. ``--compact`` prints a short plain-text table (what
 ``scripts/gpu_check.sh`` shows at the end) instead of writing the page.
 """
 
@@ -142,11 +145,44 @@ def verdict(ok):
     return "not measured" if ok is None else ("**met**" if ok else "**not met**")
 
 
+def model_section(model_rows, model_csv: Path, rel) -> str:
+    """The ``cab bench model`` rows as markdown: per length and variant, forward ms, attention ms (forward
+    minus the no-attention forward), attention share, speedups over ``dense:sdpa-cudnn``, block density,
+    peak GiB. Only ``ok`` rows; the figures are the CSV's, unchanged."""
+    ok = [r for r in model_rows if r.get("status", "ok").startswith("ok")]
+    if not ok:
+        return ""
+    first = ok[0]
+    md = [f"## Time to first token in a Llama-3-8B-shaped model (`cab bench model`)\n",
+          f"From `{rel(model_csv)}` ({len(model_rows)} rows). Device: **{first.get('device', '?')}**; torch "
+          f"{first.get('torch', '?')}; date {first.get('date', '?')}. A transformers `LlamaForCausalLM` with "
+          f"Llama-3-8B's shapes, {first.get('layers', '?')} layers, random weights, bf16, prefilling N tokens "
+          "with `logits_to_keep=1`. `none` replaces attention by zeros; attention ms = forward - none. "
+          "`sparse:<selector>[<attention backend>]/<predictor impl>` runs `cab_attention.hf.enable` at the "
+          "sparsity shown; speedups are over `dense:sdpa-cudnn` at the same N.\n"]
+    body = []
+    for n in sorted({int(r["n"]) for r in ok}, reverse=True):
+        for r in (r for r in ok if int(r["n"]) == n):
+            none = r["variant"] == "none"
+            s = _f(r.get("sparsity"))
+            body.append([nlabel(n), f"`{r['variant']}`", "-" if none or r["variant"].startswith("dense") or s is None else f"{s:.0%}",
+                         fmt(_f(r.get("density")), ".4f"), fmt_ms(_f(r.get("ms"))), fmt_ms(_f(r.get("attention_ms"))),
+                         fmt(_f(r.get("attention_share")), ".1%"), fmt(_f(r.get("speedup_forward")), ".2f"),
+                         fmt(_f(r.get("speedup_attention")), ".2f"), fmt(_f(r.get("peak_gib")), ".2f")])
+    md.append(table(["N", "variant", "sparsity", "density", "forward ms", "attention ms", "attention share",
+                     "speedup (forward)", "speedup (attention)", "peak GiB"], body))
+    bad = [r for r in model_rows if not r.get("status", "ok").startswith("ok")]
+    if bad:
+        md.append("Not measured: " + "; ".join(f"{r['n']} `{r['variant']}` ({r['status']})" for r in bad) + "\n")
+    return "\n".join(md)
+
+
 def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | None = None,
-           previous_rows=None, plot_dir: Path | None = None) -> str:
+           previous_rows=None, plot_dir: Path | None = None, model_rows=None, model_csv: Path | None = None) -> str:
     """The markdown page; ``command`` is the command line that regenerates it (stated in the page);
     ``previous_rows`` (an earlier run's CSV rows) feed the regression table; ``plot_dir`` receives the
-    kept-tile-rate plot (none when ``None``)."""
+    kept-tile-rate plot (none when ``None``); ``model_rows`` (read from ``model_csv``, a CSV of
+    ``cab bench model``) add the time-to-first-token section."""
     rows = ok_rows(all_rows)
     first = all_rows[0] if all_rows else {}
     device, torch_v, date = first.get("device", "?"), first.get("torch", "?"), first.get("date", "?")
@@ -331,6 +367,9 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
     if speed:
         md.append(speed)
 
+    if model_rows:
+        md.append(model_section(model_rows, model_csv or Path("model.csv"), rel))
+
     if plot_paths:
         md.append("## Plots\n")
         for p in plot_paths:
@@ -382,6 +421,7 @@ def newest_csv(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
     files = sorted(folder.glob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+    files = [p for p in files if not p.name.startswith("model-")]  # `cab bench model` CSVs: another format
     gpu = [p for p in files if not p.name.startswith("cpu-")]
     return (gpu or files or [None])[0]
 
@@ -393,7 +433,7 @@ def previous_csv(csv_path: Path, rows) -> Path | None:
     cpu = csv_path.name.startswith("cpu-")
     best = None
     for p in csv_path.parent.glob("*.csv"):
-        if p.resolve() == csv_path.resolve() or (p.name.startswith("cpu-") and not cpu):
+        if p.resolve() == csv_path.resolve() or p.name.startswith("model-") or (p.name.startswith("cpu-") and not cpu):
             continue
         prev = read_csv(p)
         date = max((r.get("date", "") for r in prev), default="")
@@ -411,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots-dir", type=Path, default=None, help="where the PNGs go (default: beside the CSV)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--compact", action="store_true", help="print a short table instead of writing the page")
+    ap.add_argument("--model-csv", type=Path, default=None,
+                    help="a CSV of `cab bench model` (time to first token) for its section of the page")
     ap.add_argument("--previous", type=Path, default=None,
                     help="an earlier run's CSV for the regression table (default: the newest other GPU CSV beside "
                          "--csv whose date is earlier; 'none' for no regression table)")
@@ -447,8 +489,16 @@ def main(argv: list[str] | None = None) -> int:
     prev_rows = read_csv(previous) if previous else []
     if previous:
         command += f" --previous {previous}"
+    model_rows = []
+    if args.model_csv is not None:
+        if not args.model_csv.is_file():
+            print(f"summary: --model-csv {args.model_csv} does not exist", file=sys.stderr)
+            return 2
+        model_rows = read_csv(args.model_csv)
+        command += f" --model-csv {args.model_csv}"
     plot_dir = None if args.no_plots else (args.plots_dir or Path(csv_path).parent)
-    args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command, prev_rows, plot_dir))
+    args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command, prev_rows, plot_dir,
+                               model_rows, args.model_csv))
     print(f"summary: wrote {args.out} from {csv_path}")
     return 0
 
