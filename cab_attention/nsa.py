@@ -37,15 +37,13 @@ paper chooses per query token (fla-org's kernels too); per-block choice is this 
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .execute import flex_kernel_options
+from .execute import compiled_flex_attention, flex_kernel_options
 from .geometry import BlockGrid, check_block_size, check_qkv
 from .options import SELECTORS, resolve_options
 from .select import keep_first, rank_order, select_blocks
@@ -178,23 +176,10 @@ def keep_top(priority: torch.Tensor, grid: BlockGrid, num_selected: int) -> torc
     return keep_first(order, valid.sum(-1).clamp_max(num_selected))
 
 
-_FLEX_RECOMPILE_LIMIT = 256
-
-
-@functools.lru_cache(maxsize=None)
 def _compiled_flex():
-    # Compiled with a recompile limit of its own: past dynamo's default limit eager flex_attention would
-    # run, which ignores the block sparsity (see cab_attention.execute for the same guard).
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:
-        return torch.compile(flex_attention, dynamic=False, recompile_limit=_FLEX_RECOMPILE_LIMIT)
-    import torch._dynamo.config as dc
-
-    name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
-    if getattr(dc, name) < _FLEX_RECOMPILE_LIMIT:
-        setattr(dc, name, _FLEX_RECOMPILE_LIMIT)
-    return torch.compile(flex_attention, dynamic=False)
+    # The library's one compiled FlexAttention (its own recompile limit: past dynamo's default, eager
+    # flex_attention would run, which ignores the block sparsity).
+    return compiled_flex_attention()
 
 
 def _causal_window_mod(limit: torch.Tensor):
