@@ -215,7 +215,9 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
         "from `kv_num_blocks` (`4 bs^2 D` per tile and query head, causal diagonal tiles at half); dense SDPA "
         "counts causal token pairs. Every `cab` case runs `cab_attention.options.FORMAN_KEEP_LOWEST_MAXL2` (augmented "
         "Forman, keep lowest, max-L2 coarsening), spelled out so that the figures stay comparable when the library's "
-        "defaults move; the default triangle proxy needs the same `A @ A`.\n"
+        "defaults move; the default triangle proxy needs the same `A @ A`. Scale (packed variable-length batches, "
+        "chunked prefill, one million tokens, context parallel) has its own GPU results in "
+        "[scale.md](scale.md); NSA's in [nsa.md](nsa.md).\n"
     )
     md.append(
         "Reading the numbers: at short lengths the predictor and the end-to-end figures are bound by host-side "
