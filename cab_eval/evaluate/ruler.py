@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .text import BOS_FAMILIES, decide_bos, model_bos  # noqa: F401  (the one BOS rule, re-exported)
+from .text import BOS_FAMILIES, coerce_value, decide_bos, model_bos  # noqa: F401  (the one BOS rule, re-exported)
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "cwe", "fwe")
 """Task names, in the order they are generated."""
@@ -118,21 +118,6 @@ class TaskSpec:
         if not self.options:
             return self.name
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.options))
-
-
-def coerce_value(text: str) -> Any:
-    """A command-line value: bool (true/false), None (none), int, float, else the string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def parse_task_spec(spec: str) -> TaskSpec:

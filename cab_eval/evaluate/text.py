@@ -29,7 +29,8 @@ KEY_RANGE = (1, 50000)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _coerce(text: str) -> Any:
+def coerce_value(text: str) -> Any:
+    """A command-line value: bool (true/false), None (none), int, float, else the string."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -61,7 +62,7 @@ def parse_selector_spec(spec: str) -> tuple[str, dict[str, Any]]:
             key, eq, val = item.partition("=")
             if not eq or not key.strip() or not val.strip():
                 raise ValueError(f"selector spec options must be key=value pairs separated by commas, got {item!r} in {spec!r}")
-            opts[key.strip()] = _coerce(val.strip())
+            opts[key.strip()] = coerce_value(val.strip())
     resolve_options(name, opts)  # raises ValueError naming the selector or the option
     return name, opts
 
