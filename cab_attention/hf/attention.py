@@ -406,7 +406,6 @@ def cab_attention_forward(
         # No mask: plain causal (a window, if any, covers every key: checked above).
         path = "sparse"
         out, sel = _block_sparse(settings, query, key, value, causal, scaling, window=window)
-        kept, total = _count_blocks(sel)
     else:
         if not causal:
             raise ValueError("CAB attention with an attention_mask supports causal (decoder) attention only")
@@ -416,7 +415,6 @@ def cab_attention_forward(
             path = "sparse"
             out, sel = _block_sparse(settings, query, key, value, True, scaling, window=window,
                                      dense_mask=attention_mask)
-            kept, total = _count_blocks(sel)
         else:
             # Padding, or a pattern of the model's own (sliding window): each row on its real span.
             path = "masked"
@@ -436,11 +434,15 @@ def cab_attention_forward(
                 else:
                     o, sel_i = _block_sparse(settings, qi, ki, vi, True, scaling, sub, window=window,
                                              dense_mask=row_mask)
-                    k_i, t_i = _count_blocks(sel_i)
-                    kept, total = kept + k_i, total + t_i
                     sel.append(sel_i)
                 out[i : i + 1, :, s.q0 : s.q1] = o
     if settings.recorders:
+        # Counted only for a recorder: each count is a pass over the mask and two host syncs per layer.
+        if path in SPARSE_PATHS:
+            for one in (sel if isinstance(sel, list) else [sel]):
+                if one is not None:
+                    k_i, t_i = _count_blocks(one)
+                    kept, total = kept + k_i, total + t_i
         rec = CallRecord(layer, path, b, q_len, kv_len, kept, total, window if path in SPARSE_PATHS else None)
         for r in settings.recorders:
             r.calls.append(rec)
