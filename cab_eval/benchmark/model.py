@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import statistics
 import sys
 import time
@@ -36,39 +35,27 @@ from typing import Any, Callable
 
 import torch
 
+from .cli import parse_names, parse_sizes
+from .io import environment
+
 NONE_ATTN = "cab_bench_none"
 
 
 def _sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        mult = 1024 if part.endswith("k") else 1
-        try:
-            value = int(part[:-1] if part.endswith("k") else part) * mult
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected sizes like 32k,64k or 4096, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-        out.append(value)
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one size")
+    """``--n``: :func:`.cli.parse_sizes`, and every length positive (a prompt of 0 tokens has no first token)."""
+    out = parse_sizes(text)
+    if any(v <= 0 for v in out):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return out
-
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cab bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=_sizes, default=_sizes("32k,64k,128k"), help="prompt lengths (default 32k,64k,128k)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--selectors", type=_names, default=["antidiagonal", "cab"], help="comma list of selectors")
-    p.add_argument("--backends", type=_names, default=["flex"], help="comma list of cab backends (flex, triton, ...)")
-    p.add_argument("--impls", type=_names, default=["torch"],
+    p.add_argument("--selectors", type=parse_names, default=["antidiagonal", "cab"], help="comma list of selectors")
+    p.add_argument("--backends", type=parse_names, default=["flex"], help="comma list of cab backends (flex, triton, ...)")
+    p.add_argument("--impls", type=parse_names, default=["torch"],
                    help="comma list of predictor implementations passed as select_blocks(impl=...): torch, triton")
     p.add_argument("--sparsity", type=float, default=0.95)
     p.add_argument("--block-size", type=int, default=64)
@@ -150,17 +137,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     _register_none()
     timer = _timer(cuda, args.repeats)
     rows: list[dict[str, Any]] = []
-    env = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-        "date": _dt.date.today().isoformat(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = ""
+    env = {k: v for k, v in environment(cuda).items() if k != "slug"}
 
     for n in args.n:
         ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
