@@ -130,32 +130,51 @@ _FLEX_RECOMPILE_LIMIT = 256
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex():
+def _compiled_flex(max_autotune: bool = False):
     import inspect
 
     from torch.nn.attention.flex_attention import flex_attention
 
+    kwargs: dict[str, Any] = {"dynamic": False}
+    if max_autotune:
+        # Inductor's FlexAttention backward filters its tile configurations by the mask's block size
+        # *before* it applies the caller's bwd_ options, and without max-autotune it has one configuration:
+        # on sm90 at head_dim 128 that is 64 x 128 tiles, which a 64-token (or smaller) block cannot take,
+        # so the backward fails with NoValidChoicesError whatever kernel_options say (H200, torch 2.11,
+        # 2026-12-04). Max-autotune's list has 32- and 64-wide tiles; the options also reach the backward,
+        # which compile_fx patches for its lazy compile.
+        kwargs["options"] = {"max_autotune": True}
     if "recompile_limit" in inspect.signature(torch.compile).parameters:
-        return torch.compile(flex_attention, dynamic=False, recompile_limit=_FLEX_RECOMPILE_LIMIT)
+        return torch.compile(flex_attention, recompile_limit=_FLEX_RECOMPILE_LIMIT, **kwargs)
     import torch._dynamo.config as dc
 
     name = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
     if getattr(dc, name) < _FLEX_RECOMPILE_LIMIT:
         setattr(dc, name, _FLEX_RECOMPILE_LIMIT)
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, **kwargs)
 
 
-def compiled_flex_attention():
-    """The library's one compiled FlexAttention (static shapes, its own recompile limit), shared by every
-    caller (e.g. :mod:`cab_attention.varlen`) so that the limit is counted once."""
-    return _compiled_flex()
+def compiled_flex_attention(for_backward: bool = False):
+    """The library's compiled FlexAttention (static shapes, its own recompile limit), shared by every
+    caller (e.g. :mod:`cab_attention.varlen`) so that the limit is counted once.
+
+    Args:
+        for_backward: the compiled function for calls that will run a backward (training): Inductor's
+            max-autotune tile list, the only one whose backward takes blocks of 64 tokens or fewer at
+            head_dim 128 on Hopper (see :func:`_compiled_flex`). Compiles take longer.
+    """
+    return _compiled_flex(bool(for_backward))
 
 
-def flex_kernel_options(block_size: int, device_type: str) -> dict[str, Any] | None:
-    """Kernel tiles that divide the selection block size (CUDA); ``None`` elsewhere."""
+def flex_kernel_options(block_size: int, device_type: str, for_backward: bool = False) -> dict[str, Any] | None:
+    """Kernel tiles that divide the selection block size (CUDA); ``None`` elsewhere.
+
+    ``for_backward``: the tiles bind only the forward kernel (``fwd_`` keys) and the backward's are
+    left to max-autotune's search (see :func:`compiled_flex_attention`)."""
     if device_type != "cuda":
         return None
-    return {"BLOCK_M": min(block_size, 128), "BLOCK_N": min(block_size, 64)}
+    prefix = "fwd_" if for_backward else ""
+    return {prefix + "BLOCK_M": min(block_size, 128), prefix + "BLOCK_N": min(block_size, 64)}
 
 
 def check_flex_available(q: torch.Tensor, block_size: int) -> None:

@@ -176,12 +176,6 @@ def keep_top(priority: torch.Tensor, grid: BlockGrid, num_selected: int) -> torc
     return keep_first(order, valid.sum(-1).clamp_max(num_selected))
 
 
-def _compiled_flex():
-    # The library's one compiled FlexAttention (its own recompile limit: past dynamo's default, eager
-    # flex_attention would run, which ignores the block sparsity).
-    return compiled_flex_attention()
-
-
 def _causal_window_mod(limit: torch.Tensor):
     """Token mask ``kv <= q < kv + limit``. ``limit`` is a captured 0-d tensor, so the selected branch
     (limit past the sequence) and the window branch share one compiled kernel per shape."""
@@ -218,9 +212,10 @@ def _flex_branch(q, k, v, kept, full, limit, bs, scale):
         part_num, part_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=_causal_window_mod(limit),
         seq_lengths=(mk * bs, mk * bs), compute_q_blocks=needs_grad,
     )
-    out = _compiled_flex()(
+    # Training needs the backward-capable compile (its tile search takes 64-token blocks at head_dim 128).
+    out = compiled_flex_attention(for_backward=needs_grad)(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=flex_kernel_options(bs, q.device.type),
+        kernel_options=flex_kernel_options(bs, q.device.type, for_backward=needs_grad),
     )
     return out[:, :, :n]
 

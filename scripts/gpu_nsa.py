@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole script")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check that the script runs")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--speed-share", type=float, default=0.5, help="share of --budget for the speed section (default 0.5)")
+    ap.add_argument("--seeds", default="0,1", help="training seeds (default 0,1); the budget may cut the last ones")
     ap.add_argument("--tar", action="store_true",
                     help="pack the outputs into OUT.tar.gz (one file: the device tool returns at most 8 per call)")
     args = ap.parse_args(argv)
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
         cfg = dict(c_hq=4, c_hkv=2, c_n=75, c_d=16, c_bs=16, fast_backend="reference", lengths=[256, 512], s_hq=4, s_hkv=2, s_d=32,
                    s_bs=32, s_n=4, s_w=64, dtype=torch.float32, dense_backends=["MATH"], selections=["nsa", "cab", "antidiagonal"],
                    warmup=1, reps=2)
-        train_args = ["--steps", "3", "--seeds", "0,1", "--eval-every", "2", "--eval-windows", "4", "--seq-len", "128", "--batch", "2",
+        train_args = ["--steps", "3", "--seeds", args.seeds, "--eval-every", "2", "--eval-windows", "4", "--seq-len", "128", "--batch", "2",
                       "--no-progress"]
     else:
         if not torch.cuda.is_available():
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
         cfg = dict(c_hq=8, c_hkv=2, c_n=1000, c_d=64, c_bs=64, fast_backend="flex", lengths=[8192, 16384, 32768, 65536], s_hq=32,
                    s_hkv=8, s_d=128, s_bs=64, s_n=16, s_w=512, dtype=torch.bfloat16, dense_backends=["CUDNN_ATTENTION", "FLASH_ATTENTION"],
                    selections=["nsa", "cab", "antidiagonal"], warmup=3, reps=10)
-        train_args = ["--steps", "200", "--seeds", "0,1", "--seq-len", "2048", "--batch", "8", "--layers", "4", "--hidden", "256",
+        train_args = ["--steps", "200", "--seeds", args.seeds, "--seq-len", "2048", "--batch", "8", "--layers", "4", "--hidden", "256",
                       "--heads", "8", "--kv-heads", "2", "--block-size", "64", "--num-selected", "8", "--window", "256", "--lr", "2e-3",
                       "--eval-every", "50", "--eval-windows", "16", "--no-progress"]
     env = f"device {torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'}; torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M:%S')}"
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
     _write(out / "correctness.csv", corr)
     log(f"[{time.time() - t_start:.0f} s] correctness done")
 
-    speed_deadline = t_start + (args.budget * 0.5 if not args.skip_train else args.budget)
+    speed_deadline = t_start + (args.budget * args.speed_share if not args.skip_train else args.budget)
     rows = speed(cfg, dev, log, speed_deadline)
     _write(out / "speed.csv", rows)
     try:

@@ -25,7 +25,7 @@ def main() -> None:
     dev = torch.device("cuda")
     n, hq, hkv, d = 8192, 32, 8, 128
     for name, opts in VARIANTS.items():
-        nsa.flex_kernel_options = lambda bs, t, o=opts: dict(o)
+        nsa.flex_kernel_options = lambda bs, t, for_backward=False, o=opts: dict(o)
         torch._dynamo.reset()
         m = NSAAttention(d, hq, hkv, block_size=64, num_selected=16, window=512, selection="nsa", backend="flex").to(dev, torch.bfloat16)
         q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -25,10 +25,12 @@
 # If the decode check fails on the device, re-score on the CPU:
 #     python -m cab_eval.evaluate.ruler_run score --model gemma3 --out <unpacked ruler-gemma3>
 set -u
-GEMMA_GRID=(--tasks niah_single,niah_multikey,niah_multivalue --lengths 8192,16384,32640
-            --depths 0.1,0.5,0.9 --samples 2)
+# Gemma: the two primary lengths only (8k is not decisive and ran on 2026-12-04); 4 samples a cell so that
+# a run cut by its time limit can be resumed (RULER_RESUME=1) on the same prompts.
+GEMMA_GRID=(--tasks niah_single,niah_multikey,niah_multivalue --lengths 16384,32640
+            --depths 0.1,0.5,0.9 --samples 4)
 SMOL_GRID=(--tasks niah_single,niah_multikey,niah_multivalue,variable_tracking,cwe,fwe --lengths 8000
-           --depths 0.1,0.5,0.9 --samples 2)
+           --depths 0.1,0.5,0.9 --samples 4)
 SELECTORS="dense,oracle,antidiagonal,magnitude,streaming,cab,vertical_slash,flexprefill,cab_graph"
 ids_dir() { echo "runs/gpu-ids-$1"; }
 
@@ -51,7 +53,7 @@ fi
 MODEL=${1:-}
 case $MODEL in
   gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=${RULER_LIMIT:-160}; HARD=${RULER_HARD:-215}; BATCH=2 ;;
-  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=45; HARD=65; BATCH=4 ;;
+  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=${RULER_LIMIT:-45}; HARD=${RULER_HARD:-65}; BATCH=4 ;;
   *) echo "usage: bash scripts/gpu_ruler.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
 export CAB_MODEL_DIR=${CAB_MODEL_DIR:-/root/m}
@@ -67,10 +69,15 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAB_CACHE_DIR=${CAB_CACHE_DI
 
 t0=$SECONDS
 dir=runs/gpu/ruler-$MODEL
-rm -rf "$dir" && mkdir -p "$dir"
+RESUME=()
+if [ "${RULER_RESUME:-0}" = 1 ] && [ -s "$dir/ruler_trials.csv" ]; then
+  RESUME=(--resume)  # continue the trials of an earlier call on this (still warm) machine
+else
+  rm -rf "$dir" && mkdir -p "$dir"
+fi
 timeout "$HARD" python3 -m cab_eval.evaluate.ruler_run run --model "$MODEL" --token-ids "$IDS" --device cuda \
   --dtype bfloat16 --selectors "$SELECTORS" --sparsities 0.9,0.95 --batch "$BATCH" --time-limit "$LIMIT" \
-  --no-progress --out "$dir" > "$dir/run.log" 2>&1
+  --no-progress --out "$dir" ${RESUME[@]+"${RESUME[@]}"} >> "$dir/run.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ] && [ -s "$dir/ruler_trials.csv" ]; then  # killed or failed: write outputs from the CSV
   timeout 20 python3 -m cab_eval.evaluate.ruler_run score --model "$MODEL" --out "$dir" >> "$dir/run.log" 2>&1

@@ -30,6 +30,32 @@ def test_window_blocks_cover_exactly_the_window():
     assert torch.equal(full, blocks.all(3).all(1))
 
 
+def test_training_uses_the_backward_capable_compile(monkeypatch):
+    """No compile: with grads the flex branches ask for the max-autotune compile and fwd_-only tiles (the
+    backward's default tile list cannot take 64-token blocks at head_dim 128 on Hopper); without, the
+    plain one."""
+    import cab_attention.nsa as nsa_mod
+    from cab_attention.execute import flex_kernel_options
+
+    assert flex_kernel_options(64, "cuda") == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert flex_kernel_options(64, "cuda", for_backward=True) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+    assert flex_kernel_options(64, "cpu", for_backward=True) is None
+    seen = []
+
+    def fake_compiled(for_backward=False):
+        seen.append(for_backward)
+        return lambda q, k, v, **kw: (seen.append(kw["kernel_options"]), q)[1]
+
+    monkeypatch.setattr(nsa_mod, "compiled_flex_attention", fake_compiled)
+    monkeypatch.setattr(nsa_mod, "flex_kernel_options", lambda bs, t, for_backward=False: {"bwd": for_backward})
+    kept = torch.ones(1, 1, 2, 2, dtype=torch.bool).tril()
+    q = torch.randn(1, 1, 32, 8, requires_grad=True)
+    nsa_mod._flex_branch(q, q, q, kept, kept, torch.tensor(64), 16, 1.0)
+    with torch.no_grad():
+        nsa_mod._flex_branch(q, q, q, kept, kept, torch.tensor(64), 16, 1.0)
+    assert seen == [True, {"bwd": True}, False, {"bwd": False}]
+
+
 @pytest.mark.parametrize("selection", ["nsa", "cab"])
 def test_flex_forward_matches_reference(selection):
     b, hq, hkv, n, d = 2, 4, 2, 100, 16
