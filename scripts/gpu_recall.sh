@@ -73,7 +73,7 @@ fi
 MODEL=${1:-}
 case $MODEL in
   gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LAYERS=5,11,17; CONVERT=180  # the conversion took 84 s on the H200 (2026-12-04); 90 s killed it
-          CELLS=("16384 50" "32768 75" "8192 40") ;;
+          CELLS=("16384 70" "32768 100" "8192 40") ;;
   smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LAYERS=""; CONVERT=40; CELLS=("8192 80") ;;
   *) echo "usage: bash scripts/gpu_recall.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
