@@ -284,3 +284,27 @@ def test_cli_rejects_bad_input_before_loading(capsys, tmp_path):
     assert RR.main(["run", "--model", str(tmp_path / "none.gguf")]) == 2
     assert "--model" in capsys.readouterr().err
     assert RR.main(["build", "--model", str(tmp_path), "--tasks", "nope"]) == 2
+
+
+def test_paired_accuracy_pairs_prompts_and_pools_lengths():
+    """Differences are taken on shared prompts only; 'all' pools the lengths; dense is never paired."""
+    from cab_eval.evaluate.ruler import paired_accuracy
+
+    def t(sel, sp, length, uid, ok):
+        return {"selector": sel, "sparsity": sp, "length": length, "uid": uid, "correct": ok}
+
+    trials = [t("dense", 0.0, 8, "a", True)]
+    # length 8: prompts a, b, c; the candidate wins a, loses nothing; c only the reference ran.
+    trials += [t("antidiagonal", 0.9, 8, u, ok) for u, ok in (("a", False), ("b", True), ("c", True))]
+    trials += [t("x", 0.9, 8, u, ok) for u, ok in (("a", True), ("b", True))]
+    # length 16 (read back from a CSV: strings): the candidate loses d.
+    trials += [t("antidiagonal", "0.9", 16, "d", "True"), t("x", "0.9", 16, "d", "False")]
+    rows = {(r["length"], r["selector"]): r for r in paired_accuracy(trials)}
+    assert set(rows) == {(8, "x"), (16, "x"), ("all", "x")}
+    r8 = rows[(8, "x")]
+    assert (r8["prompts"], r8["a_only"], r8["ref_only"]) == (2, 1, 0) and r8["diff"] == pytest.approx(0.5)
+    assert r8["lo"] <= r8["diff"] <= r8["hi"]
+    assert rows[(16, "x")]["diff"] == pytest.approx(-1.0)
+    pooled = rows[("all", "x")]
+    assert pooled["prompts"] == 3 and pooled["diff"] == pytest.approx(0.0)
+    assert pooled["lo"] < 0 < pooled["hi"]

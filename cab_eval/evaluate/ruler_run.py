@@ -334,6 +334,7 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         "by_task": R.aggregate(trials, ("selector", "sparsity", "task")),
         "by_length": R.aggregate(trials, ("selector", "sparsity", "length")),
         "summary": R.aggregate(trials, ("selector", "sparsity")),
+        "paired": R.paired_accuracy(trials, "antidiagonal", ("sparsity", "length")),
     }
 
 
@@ -393,6 +394,19 @@ def _table(rows: list[dict[str, Any]], keys: Sequence[str]) -> str:
     ])
 
 
+def _paired_section(rows: list[dict[str, Any]]) -> str:
+    """Markdown of :func:`cab_eval.evaluate.ruler.paired_accuracy` rows (empty without antidiagonal)."""
+    if not rows:
+        return ""
+    lines = ["| sparsity | length | selector | prompts | accuracy | antidiagonal | difference [95% CI] | only it / only antidiagonal right |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (float(r["sparsity"]), r["length"] == "all", str(r["length"]).zfill(9), r["selector"])):
+        lines.append(f"| {r['sparsity']} | {r['length']} | {r['selector']} | {r['prompts']} | {r['accuracy']:.3f} | "
+                     f"{r['ref_accuracy']:.3f} | {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {r['a_only']} / {r['ref_only']} |")
+    return ("\n## Paired against antidiagonal (same prompts; bootstrap over prompts)\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def write_outputs(out: Path, config: dict[str, Any], trials: list[dict[str, Any]], plots: bool = True) -> dict[str, Path]:
     """``ruler.json``, ``ruler_results.csv``, ``summary.md`` and the heatmaps from all trials so far."""
     out.mkdir(parents=True, exist_ok=True)
@@ -422,6 +436,7 @@ def write_outputs(out: Path, config: dict[str, Any], trials: list[dict[str, Any]
         + "\n## By task\n\n" + _table(agg["by_task"], ("selector", "sparsity", "task"))
         + "\n## By length\n\n" + _table(agg["by_length"], ("selector", "sparsity", "length"))
         + "\n## By task and length\n\n" + _table(agg["by_task_length"], ("selector", "sparsity", "task", "length"))
+        + _paired_section(agg["paired"])
     )
     files["summary"] = write_summary(out / "summary.md", "RULER-style retrieval", body, env)
     return files
