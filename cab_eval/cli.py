@@ -27,6 +27,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "predictor": ("cab_eval.benchmark.predictor", "GPU timings of choosing the blocks (coarsen, score, select, mask)"),
         "attention": ("cab_eval.benchmark.attention", "GPU timings of dense baselines against block-sparse attention, end to end"),
         "model": ("cab_eval.benchmark.model", "time to first token of a Llama-3-8B-shaped decoder, dense against hf.enable"),
+        "nsa": ("cab_eval.benchmark.nsa", "forward+backward of NSA attention (nsa, cab, antidiagonal selection) against dense SDPA (cuDNN, flash)"),
         "varlen": ("cab_eval.benchmark.varlen", "packed variable-length batches against dense varlen and padding"),
         "distributed": ("cab_eval.benchmark.distributed", "context-parallel prefill (torchrun): all-to-all against attention time"),
         "summary": ("cab_eval.benchmark.summary", "the benchmarks page (markdown and plots) from a results CSV"),

@@ -11,8 +11,8 @@ and a short training comparison of the selection branches. Target: under 5 minut
    causal SDPA through cuDNN and flash (GQA, or K/V repeated where the backend refuses GQA, noted) and
    NSA (block 64, n = 16, window 512, l = d = 64) with selection nsa / cab / antidiagonal. Median of CUDA
    event timings after warm-up (the first call compiles FlexAttention), two input sets alternated; the
-   forward alone is timed with autograd on (training's forward).
-   Rows in speed.csv, speed.png.
+   forward alone is timed with autograd on (training's forward). The measurement is ``cab bench nsa``'s
+   (cab_eval/benchmark/nsa.py: ``gpu_config``, ``speed``). Rows in speed.csv, speed.png.
 3. Training: ``cab train nsa`` on CUDA (dense, nsa, nsa-cab, nsa-antidiagonal; 2 seeds; 2k context) in
    the time left; its steps.csv, summary.csv, summary.md and curves.png under ``train/``.
 
@@ -26,19 +26,18 @@ import argparse
 import copy
 import csv
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cab_attention.nsa import NSAAttention  # noqa: E402
+from cab_eval.benchmark.nsa import dry_run_config, gpu_config, plot_speed, speed  # noqa: E402
 
 
 class Tee:
@@ -94,138 +93,6 @@ def correctness(cfg, dev, log) -> list[dict]:
     return rows
 
 
-def _timer(dev):
-    if dev.type == "cuda":
-        def run(fn):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            return s.elapsed_time(e)
-    else:
-        def run(fn):
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-    return run
-
-
-def time_case(make_fn, sets, dev, warmup, reps) -> tuple[float, float]:
-    """Median ms of forward and of forward+backward, alternating input sets.
-
-    The forward is timed with autograd on (as in training; its graph is dropped): a no-grad forward
-    would compile a second FlexAttention graph per length, which the time budget cannot afford."""
-    timer = _timer(dev)
-    fwd, both = [], []
-    for i in range(warmup + reps):
-        q, k, v, dout = sets[i % len(sets)]
-        for t in (q, k, v):
-            t.grad = None
-
-        def f():
-            make_fn(q, k, v)
-
-        def fb():
-            make_fn(q, k, v).backward(dout)
-
-        a, b_ = timer(f), timer(fb)
-        if i >= warmup:
-            fwd.append(a)
-            both.append(b_)
-    return statistics.median(fwd), statistics.median(both)
-
-
-def dense_fn(backend_name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, backend_name)
-    state = {"gqa": True}
-
-    def fn(q, k, v):
-        with sdpa_kernel([backend]):
-            if state["gqa"]:
-                try:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                except RuntimeError:
-                    state["gqa"] = False  # this backend refuses GQA: repeat K/V (counted in the time)
-            g = q.shape[1] // k.shape[1]
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
-
-    return fn, state
-
-
-def speed(cfg, dev, log, deadline) -> list[dict]:
-    rows = []
-    hq, hkv, d = cfg["s_hq"], cfg["s_hkv"], cfg["s_d"]
-    dtype = cfg["dtype"]
-    for n in cfg["lengths"]:
-        if time.time() > deadline:
-            log(f"speed N={n}: skipped (time budget)")
-            rows.append({"N": n, "method": "all", "status": "skipped (time budget)"})
-            continue
-        gen = torch.Generator(device=dev).manual_seed(n)
-        sets = []
-        for _ in range(2):
-            q = torch.randn(1, hq, n, d, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
-            k = torch.randn(1, hkv, n, d, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
-            v = torch.randn(1, hkv, n, d, device=dev, dtype=dtype, generator=gen).requires_grad_(True)
-            sets.append((q, k, v, torch.randn(1, hq, n, d, device=dev, dtype=dtype, generator=gen)))
-        cases = []
-        for name in cfg["dense_backends"]:
-            fn, state = dense_fn(name)
-            cases.append((f"dense-{name.lower()}", fn, state))
-        for selection in cfg["selections"]:
-            opts = {"stride": 8} if selection == "antidiagonal" else None
-            m = NSAAttention(d, hq, hkv, block_size=cfg["s_bs"], num_selected=cfg["s_n"], window=cfg["s_w"], selection=selection,
-                             selection_options=opts, backend=cfg["fast_backend"]).to(dev, dtype)
-            cases.append((f"nsa-{selection}" if selection != "nsa" else "nsa", m, None))
-        for method, fn, state in cases:
-            if time.time() > deadline:
-                rows.append({"N": n, "method": method, "status": "skipped (time budget)"})
-                continue
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
-            try:
-                f_ms, fb_ms = time_case(fn, sets, dev, cfg["warmup"], cfg["reps"])
-                status = "ok" if state is None or state["gqa"] else "ok (K/V repeated: backend refused GQA)"
-            except Exception as e:  # record and continue: one failing backend must not hide the others
-                f_ms = fb_ms = float("nan")
-                status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-            rows.append({"N": n, "method": method, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "peak_gib": mem,
-                         "wall_s": time.time() - t0, "status": status})
-            log(f"speed N={n} {method}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms, peak {mem:.1f} GiB, "
-                f"{time.time() - t0:.1f} s incl. warm-up; {status}")
-        del sets, cases
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-def plot_speed(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = sorted({r["method"] for r in rows if r.get("fwd_bwd_ms") == r.get("fwd_bwd_ms") and "fwd_bwd_ms" in r})
-    for m in methods:
-        pts = sorted((r["N"], r["fwd_bwd_ms"]) for r in rows if r["method"] == m and "fwd_bwd_ms" in r and r["fwd_bwd_ms"] == r["fwd_bwd_ms"])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("forward + backward (ms, median)")
-    ax.set_title("NSA vs dense SDPA, bf16")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def corpus_path(log) -> str:
     import importlib.util
 
@@ -258,18 +125,16 @@ def main(argv=None) -> int:
     deadline = t_start + args.budget
     if args.smoke:
         dev = torch.device("cpu")
-        cfg = dict(c_hq=4, c_hkv=2, c_n=75, c_d=16, c_bs=16, fast_backend="reference", lengths=[256, 512], s_hq=4, s_hkv=2, s_d=32,
-                   s_bs=32, s_n=4, s_w=64, dtype=torch.float32, dense_backends=["MATH"], selections=["nsa", "cab", "antidiagonal"],
-                   warmup=1, reps=2)
+        cfg = dict(c_hq=4, c_hkv=2, c_n=75, c_d=16, c_bs=16, fast_backend="reference")
+        speed_cfg = dry_run_config()
         train_args = ["--steps", "3", "--seeds", args.seeds, "--eval-every", "2", "--eval-windows", "4", "--seq-len", "128", "--batch", "2",
                       "--no-progress"]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --smoke on CPU")
         dev = torch.device("cuda")
-        cfg = dict(c_hq=8, c_hkv=2, c_n=1000, c_d=64, c_bs=64, fast_backend="flex", lengths=[8192, 16384, 32768, 65536], s_hq=32,
-                   s_hkv=8, s_d=128, s_bs=64, s_n=16, s_w=512, dtype=torch.bfloat16, dense_backends=["CUDNN_ATTENTION", "FLASH_ATTENTION"],
-                   selections=["nsa", "cab", "antidiagonal"], warmup=3, reps=10)
+        cfg = dict(c_hq=8, c_hkv=2, c_n=1000, c_d=64, c_bs=64, fast_backend="flex")
+        speed_cfg = gpu_config()  # the measurement of `cab bench nsa`
         train_args = ["--steps", "200", "--seeds", args.seeds, "--seq-len", "2048", "--batch", "8", "--layers", "4", "--hidden", "256",
                       "--heads", "8", "--kv-heads", "2", "--block-size", "64", "--num-selected", "8", "--window", "256", "--lr", "2e-3",
                       "--eval-every", "50", "--eval-windows", "16", "--no-progress"]
@@ -285,7 +150,7 @@ def main(argv=None) -> int:
     log(f"[{time.time() - t_start:.0f} s] correctness done")
 
     speed_deadline = t_start + (args.budget * args.speed_share if not args.skip_train else args.budget)
-    rows = speed(cfg, dev, log, speed_deadline)
+    rows = speed(speed_cfg, dev, log, speed_deadline)
     _write(out / "speed.csv", rows)
     try:
         plot_speed(rows, out / "speed.png")
@@ -318,7 +183,7 @@ def main(argv=None) -> int:
         if r["method"] not in methods and r["method"] != "all":
             methods.append(r["method"])
     log("N".ljust(7) + "".join(m.rjust(22) for m in methods))
-    for n in cfg["lengths"]:
+    for n in speed_cfg.lengths:
         cells = []
         for m in methods:
             r = next((x for x in rows if x["N"] == n and x["method"] == m), None)

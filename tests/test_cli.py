@@ -25,7 +25,7 @@ def test_help_lists_every_command_with_a_line(capsys):
         line = next(ln for ln in out.splitlines() if ln.split()[: len(full.split())] == full.split())
         assert len(line.split()) > len(full.split()) + 2, line  # a description follows the name
     assert set(all_commands()) >= {"demo", "eval bridge", "eval passkey", "eval recall", "eval ppl",
-                                   "bench predictor", "bench attention"}
+                                   "bench predictor", "bench attention", "bench nsa"}
 
 
 @pytest.mark.parametrize("group", ["eval", "bench"])
