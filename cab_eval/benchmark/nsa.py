@@ -112,7 +112,7 @@ class SpeedConfig:
 
 
 def gpu_config() -> SpeedConfig:
-    """The measurement of issue 12: 8k-64k tokens, Llama-3-8B's attention shape, bf16, NSA's paper settings."""
+    """The GPU measurement: 8k-64k tokens, Llama-3-8B's attention shape, bf16, NSA's paper settings."""
     return SpeedConfig(lengths=(8192, 16384, 32768, 65536), heads=32, kv_heads=8, head_dim=128, block_size=64,
                        num_selected=16, window=512, selections=("nsa", "cab", "antidiagonal"),
                        dense_backends=("CUDNN_ATTENTION", "FLASH_ATTENTION"), dtype=torch.bfloat16, backend="flex",
