@@ -14,7 +14,8 @@ import torch
 
 from cab_attention import select_blocks
 from cab_eval.benchmark import cli as bench_cli
-from cab_eval.benchmark import implementations, inputs, io, speed_report, summary
+from cab_eval.benchmark import implementations, inputs, io, nsa_report, speed_report, summary
+from cab_eval.benchmark import nsa as bench_nsa
 from cab_eval.cli import main as cab_main
 
 TINY = ["--dry-run", "--n", "128", "--batches", "2", "--batch-n", "128", "--sparsities", "0.5",
@@ -173,14 +174,51 @@ def test_docs_benchmarks_page_is_what_its_command_generates(monkeypatch):
     assert opts["--out"] == "docs/benchmarks.md"
     previous = Path(opts["--previous"]) if "--previous" in opts else None
     model_csv = Path(opts["--model-csv"]) if "--model-csv" in opts else None
+    nsa_csv = Path(opts["--nsa-csv"]) if "--nsa-csv" in opts else None
     stem = csv_path.stem
     plots = [plots_dir / f"{stem}-latency.png", plots_dir / f"{stem}-breakdown.png"]
-    for p in [csv_path, *plots, *[x for x in (previous, model_csv) if x is not None]]:
+    for p in [csv_path, *plots, *[x for x in (previous, model_csv, nsa_csv) if x is not None]]:
         assert (root / p).is_file(), p
     monkeypatch.chdir(root)
     # The kept-rate plot is not redrawn either: the committed PNG stands in (absent -> no link -> a mismatch).
     monkeypatch.setattr(speed_report, "kept_rate_plot", lambda rows, out_path, s=0.95: out_path if out_path.is_file() else None)
     rendered = summary.render(io.read_csv(csv_path), csv_path, plots, Path("docs/benchmarks.md"), command,
                               io.read_csv(previous) if previous else None, plots_dir,
-                              io.read_csv(model_csv) if model_csv else None, model_csv)
+                              io.read_csv(model_csv) if model_csv else None, model_csv,
+                              nsa_report.read_nsa_csv(nsa_csv) if nsa_csv else None, nsa_csv)
     assert rendered == page
+
+
+def test_nsa_csv_section_shows_measured_and_skipped_rows(tmp_path):
+    """--nsa-csv adds the NSA section: measured rows with their figures and the ratio to dense cuDNN,
+    skipped rows with their status and no numbers; without it the page has no such section; a CSV
+    lacking columns is refused naming the file and the columns."""
+    assert set(nsa_report.REQUIRED) <= set(bench_nsa.FIELDS)
+    bench = tmp_path / "bench.csv"  # one dense row is enough for the rest of the page
+    io.write_results(bench, [dict(case="attention:sdpa-cudnn", n=1024, batch=1, heads=4, kv_heads=2, head_dim=64,
+                                  sparsity="", ms=1.0, peak_mb=1.0, device="GPU X", torch="2.0", date="2026-01-01",
+                                  status="ok")], fresh=True)
+    shape = dict(date="2026-01-01", device="GPU X", torch="2.0", triton="3.0", dtype="bfloat16", N="8192", heads="4",
+                 kv_heads="2", head_dim="64", block_size="64", num_selected="4", window="128", nsa_backend="flex",
+                 warmup="1", reps="3", wall_s="")
+    nsa_csv = tmp_path / "nsa.csv"
+    with nsa_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench_nsa.FIELDS)
+        w.writeheader()
+        w.writerow({**shape, "method": "dense-cudnn_attention", "fwd_ms": "1.0", "fwd_bwd_ms": "2.0", "peak_gib": "0.5", "status": "ok"})
+        w.writerow({**shape, "method": "nsa", "fwd_ms": "3.0", "fwd_bwd_ms": "5.0", "peak_gib": "0.75", "status": "ok"})
+        w.writerow({**shape, "method": "nsa-cab", "fwd_ms": "", "fwd_bwd_ms": "", "peak_gib": "", "status": "skipped (time budget)"})
+    plain, with_nsa = tmp_path / "plain.md", tmp_path / "nsa.md"
+    assert cab_main(["bench", "summary", "--csv", str(bench), "--out", str(plain), "--no-plots", "--previous", "none"]) == 0
+    assert cab_main(["bench", "summary", "--csv", str(bench), "--out", str(with_nsa), "--no-plots", "--previous", "none",
+                     "--nsa-csv", str(nsa_csv)]) == 0
+    page = with_nsa.read_text()
+    assert "NSA training attention" not in plain.read_text()
+    assert f"--nsa-csv {nsa_csv}" in page and "## NSA training attention (forward + backward)" in page
+    assert "4 query heads over 2 KV heads, head_dim 64, bfloat16" in page and "window 128" in page
+    assert "| `nsa` | 3.000 | 5.000 | 2.50x | 0.75 | ok |" in page
+    assert "| `nsa-cab` | - | - | - | - | skipped (time budget) |" in page
+    bad = tmp_path / "bad.csv"
+    bad.write_text("date,device,N,method\n2026-01-01,GPU X,8192,nsa\n")
+    with pytest.raises(ValueError, match=r"bad\.csv.*missing columns: torch, dtype, heads"):
+        nsa_report.read_nsa_csv(bad)

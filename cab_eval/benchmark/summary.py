@@ -5,7 +5,7 @@ Every figure in the page comes from the CSV; the targets are marked met / not me
 the data, never assumed. The page states the command that regenerates it. Usage::
 
     cab bench summary [--csv results/benchmarks/<device>-<date>.csv] [--out runs/bench/benchmarks.md]
-        [--plots-dir DIR] [--model-csv model.csv] [--compact]
+        [--plots-dir DIR] [--model-csv model.csv] [--nsa-csv nsa.csv] [--compact]
 
 The docs page: ``cab bench summary --csv results/benchmarks/nvidia-h200-2026-12-04.csv
 --out docs/benchmarks.md --plots-dir results/benchmarks --model-csv
@@ -16,7 +16,8 @@ CSV in ``runs/bench``, else in ``results/benchmarks`` (a CPU dry-run CSV only wh
 ``--plots-dir`` says otherwise. ``--previous`` names an earlier run's CSV for the regression table
 (default: the newest other GPU CSV beside ``--csv`` with an earlier date). Rows of the Triton attention
 backend add the issue-9 sections (:mod:`cab_eval.benchmark.speed_report`). ``--model-csv`` names a CSV of
-``cab bench model`` (time to first token of a Llama-3-8B-shaped model) and adds its section. ``--compact`` prints a short plain-text table (what
+``cab bench model`` (time to first token of a Llama-3-8B-shaped model) and adds its section; ``--nsa-csv`` names a CSV of ``cab bench nsa`` (NSA forward and forward+backward
+against dense SDPA) and adds its section (:mod:`cab_eval.benchmark.nsa_report`). ``--compact`` prints a short plain-text table (what
 ``scripts/gpu_check.sh`` shows at the end) instead of writing the page.
 """
 
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from . import speed_report
+from .nsa_report import nsa_section, read_nsa_csv
 from .io import read_csv
 from .plots import make_plots, ok_rows, pick_impl
 
@@ -178,11 +180,13 @@ def model_section(model_rows, model_csv: Path, rel) -> str:
 
 
 def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | None = None,
-           previous_rows=None, plot_dir: Path | None = None, model_rows=None, model_csv: Path | None = None) -> str:
+           previous_rows=None, plot_dir: Path | None = None, model_rows=None, model_csv: Path | None = None,
+           nsa_rows=None, nsa_csv: Path | None = None) -> str:
     """The markdown page; ``command`` is the command line that regenerates it (stated in the page);
     ``previous_rows`` (an earlier run's CSV rows) feed the regression table; ``plot_dir`` receives the
     kept-tile-rate plot (none when ``None``); ``model_rows`` (read from ``model_csv``, a CSV of
-    ``cab bench model``) add the time-to-first-token section."""
+    ``cab bench model``) add the time-to-first-token section; ``nsa_rows`` (read from ``nsa_csv`` by
+    :func:`~cab_eval.benchmark.nsa_report.read_nsa_csv`) add the NSA forward+backward section."""
     rows = ok_rows(all_rows)
     first = all_rows[0] if all_rows else {}
     device, torch_v, date = first.get("device", "?"), first.get("torch", "?"), first.get("date", "?")
@@ -372,6 +376,9 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
     if model_rows:
         md.append(model_section(model_rows, model_csv or Path("model.csv"), rel))
 
+    if nsa_rows:
+        md.append(nsa_section(nsa_rows, nsa_csv or Path("nsa.csv"), rel))
+
     if plot_paths:
         md.append("## Plots\n")
         for p in plot_paths:
@@ -423,7 +430,7 @@ def newest_csv(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
     files = sorted(folder.glob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
-    files = [p for p in files if not p.name.startswith("model-")]  # `cab bench model` CSVs: another format
+    files = [p for p in files if not p.name.startswith(("model-", "nsa-"))]  # `cab bench model`/`nsa` CSVs: other formats
     gpu = [p for p in files if not p.name.startswith("cpu-")]
     return (gpu or files or [None])[0]
 
@@ -435,7 +442,7 @@ def previous_csv(csv_path: Path, rows) -> Path | None:
     cpu = csv_path.name.startswith("cpu-")
     best = None
     for p in csv_path.parent.glob("*.csv"):
-        if p.resolve() == csv_path.resolve() or p.name.startswith("model-") or (p.name.startswith("cpu-") and not cpu):
+        if p.resolve() == csv_path.resolve() or p.name.startswith(("model-", "nsa-")) or (p.name.startswith("cpu-") and not cpu):
             continue
         prev = read_csv(p)
         date = max((r.get("date", "") for r in prev), default="")
@@ -455,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compact", action="store_true", help="print a short table instead of writing the page")
     ap.add_argument("--model-csv", type=Path, default=None,
                     help="a CSV of `cab bench model` (time to first token) for its section of the page")
+    ap.add_argument("--nsa-csv", type=Path, default=None,
+                    help="a CSV of `cab bench nsa` (NSA forward and forward+backward) for its section of the page")
     ap.add_argument("--previous", type=Path, default=None,
                     help="an earlier run's CSV for the regression table (default: the newest other GPU CSV beside "
                          "--csv whose date is earlier; 'none' for no regression table)")
@@ -498,9 +507,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model_rows = read_csv(args.model_csv)
         command += f" --model-csv {args.model_csv}"
+    nsa_rows = []
+    if args.nsa_csv is not None:
+        if not args.nsa_csv.is_file():
+            print(f"summary: --nsa-csv {args.nsa_csv} does not exist", file=sys.stderr)
+            return 2
+        nsa_rows = read_nsa_csv(args.nsa_csv)
+        command += f" --nsa-csv {args.nsa_csv}"
     plot_dir = None if args.no_plots else (args.plots_dir or Path(csv_path).parent)
     args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command, prev_rows, plot_dir,
-                               model_rows, args.model_csv))
+                               model_rows, args.model_csv, nsa_rows, args.nsa_csv))
     print(f"summary: wrote {args.out} from {csv_path}")
     return 0
 
