@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .recall import Config, load_model, parse_spec, text_windows
+from .model_inputs import load_model, text_windows
 from .report import RowsFile, comma_floats, environment, markdown_table, write_csv, write_json, write_summary
+from .selector_specs import Config, parse_spec
 
 DEFAULT_SELECTORS = ("cab", "cab:score=forman,keep=lowest,coarsen=max_l2",
                      "cab:score=forman,keep=highest,coarsen=max_l2", "magnitude", "streaming", "antidiagonal")

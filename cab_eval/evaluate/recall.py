@@ -1,43 +1,48 @@
 """``cab eval recall``: how much of a real model's attention each selector keeps.
 
-SmolLM2 (or any local Llama-family model) reads windows of the Paul Graham essays. A recording
-attention function, registered through ``transformers.AttentionInterface``, computes each layer's
-ordinary dense (SDPA) attention for the forward pass and, on the side, measures every selector
-configuration at every sparsity on that layer's post-RoPE q, k, v (nothing is stored but the metrics):
+SmolLM2 (or any local Llama-family model) reads windows of the Paul Graham essays. A recording attention
+function computes each layer's ordinary dense (SDPA) attention for the forward pass and, on the side,
+measures every selector configuration at every sparsity on that layer's post-RoPE q, k, v: the **recall**
+(share of each query token's true causal softmax mass inside its kept blocks) and the **relative error**
+of the layer's attention output. Every method keeps the same, exactly counted budget.
 
-* **recall**: for each query token, the share of its true causal softmax mass that falls in the key
-  blocks its query block keeps; averaged over query tokens and heads.
-* **relative error** ``||O_sparse - O_dense|| / ||O_dense||`` of the layer's attention output (Frobenius
-  over heads, tokens and channels), where ``O_sparse`` is exact attention restricted to the kept blocks.
+This module is the command (:func:`run`, :func:`main`); the jobs live beside it and are re-exported here:
 
-Both come from one pass over the dense probabilities per layer: with ``P`` the causal softmax and
-``U[t, j] = sum_{s in block j} P[t, s] v_s``, a mask ``m`` gives ``recall_t = sum_j m_tj P_t(block j)`` and
-``O_sparse[t] = sum_j m_tj U[t, j] / recall_t``, which is exactly the softmax renormalised over the kept
-blocks. Selection goes through the library (:func:`cab_attention.select_blocks`; for several sparsities
-the library's rank order is computed once and cut at each sparsity's exact per-row budgets), so every method has the same, exactly counted budget.
-
-Selector configurations are spec strings: ``name`` or ``name:opt=value,opt=value`` (``cab:keep=highest``,
-``cab:score=triangle,lam=0``, ``magnitude:coarsen=mean``; parsed by
-:func:`cab_eval.evaluate.text.parse_selector_spec`), optionally labelled with ``label@spec``
-(``cab-high@cab:keep=highest``).
+* :mod:`.selector_specs`: ``[label@]selector[:opt=value,...]`` spec strings -> :class:`Config`;
+* :mod:`.model_inputs`: the token windows and the model;
+* :mod:`.recall_masks`: each configuration's block masks at each sparsity on one layer;
+* :mod:`.recall_metrics`: recall and output error of those masks from one pass over dense attention;
+* :mod:`.recall_recorder`: the recording attention function, its rows, and resuming them;
+* :mod:`.recall_summary`, :mod:`.recall_plots`: the aggregation and the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .report import RowsFile, bootstrap_ci, comma_floats, comma_ints, environment, markdown_table, write_csv, write_json, write_summary
+from .model_inputs import default_dtype, load_model, text_windows
+from .recall_masks import config_masks
+from .recall_metrics import layer_metrics
+from .recall_plots import plot_recall
+from .recall_recorder import (
+    ATTN_NAME, TEXT_FIELDS, RecallRecorder, Recorder, complete_windows, is_plain_causal, record, register,
+)
+from .recall_summary import aggregate, per_layer, same_values
+from .report import RowsFile, comma_floats, comma_ints, environment, markdown_table, write_csv, write_json, write_summary
+from .selector_specs import Config, parse_spec
+
+__all__ = [
+    "ATTN_NAME", "Config", "DEFAULT_CONFIGS", "RecallRecorder", "Recorder", "TEXT_FIELDS", "aggregate",
+    "complete_windows", "config_masks", "default_dtype", "is_plain_causal", "layer_metrics", "load_model",
+    "main", "parse_spec", "per_layer", "plot_recall", "record", "register", "run", "same_values", "text_windows",
+]
 
 DEFAULT_CONFIGS = (
     "oracle",
@@ -49,493 +54,6 @@ DEFAULT_CONFIGS = (
     "random",
     "antidiagonal",
 )
-ATTN_NAME = "cab_eval_record"
-# Columns of recall.csv and recall_heads.csv that hold text, read back as strings.
-TEXT_FIELDS = ("method", "selector")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Selector specs.
-
-
-@dataclass(frozen=True)
-class Config:
-    """One selector configuration: a label, the selector's name and its options."""
-
-    label: str
-    selector: str
-    options: dict[str, Any] = field(default_factory=dict, hash=False)
-
-
-def parse_spec(spec: str) -> Config:
-    """``[label@]selector[:opt=value,...]`` -> :class:`Config`, options checked by the library.
-
-    Without a label the label is :func:`cab_eval.evaluate.text.format_selector_spec` of the spec (options
-    sorted), the one spelling every table, plot and JSON file uses for that configuration.
-
-    Raises ``ValueError`` naming the spec for an unknown selector or option, or a malformed spec.
-    """
-    from .text import format_selector_spec, parse_selector_spec
-
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"selector spec must be a non-empty string like 'cab:keep=highest', got {spec!r}")
-    text = spec.strip()
-    label = None
-    if "@" in text:
-        label, text = (s.strip() for s in text.split("@", 1))
-        if not label:
-            raise ValueError(f"selector spec {spec!r}: empty label before '@'")
-    try:
-        name, opts = parse_selector_spec(text)
-    except ValueError as e:
-        raise ValueError(f"selector spec {spec!r}: {e}") from None
-    return Config(label or format_selector_spec(name, opts), name, opts)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Text and model.
-
-
-def text_windows(tokenizer, n_windows: int, length: int, seed: int = 0, *, bos_id: int | None = None,
-                 corpus: str | Path | None = None) -> torch.Tensor:
-    """``[n_windows, length]`` int64: disjoint windows of a corpus (default the Paul Graham essays; a .txt
-    file or a folder of them), the shared definition of :func:`cab_eval.evaluate.text.haystack_windows`
-    (seeded choice, kept in corpus order). ``bos_id`` leads every window (then ``length - 1`` corpus
-    tokens follow): see :func:`cab_eval.evaluate.text.model_bos`."""
-    from .ruler import corpus_texts
-    from .text import haystack_windows
-
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2, got {length!r}")
-    head = [] if bos_id is None else [int(bos_id)]
-    wins = haystack_windows(tokenizer, length - len(head), n_windows, seed=seed,
-                            texts=corpus_texts(corpus) if corpus is not None else None)
-    return torch.tensor([head + w for w in wins], dtype=torch.long)
-
-
-def default_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def load_model(device: str = "cpu", model: str | None = None, dtype: torch.dtype | None = None):
-    """``(model, tokenizer)``: SmolLM2 through :func:`cab_attention.hf.load_smollm2` by default, or a local
-    model folder / GGUF file. float32 on CPU, bfloat16 on CUDA unless ``dtype`` says otherwise."""
-    from cab_attention import hf
-
-    dtype = dtype or default_dtype(device)
-    if model is None:
-        m, tok = hf.load_smollm2(device=device, dtype=dtype)
-    else:
-        m, tok = hf.load_model(model, device=device, dtype=dtype)
-    m.eval()
-    return m, tok
-
-
-# ----------------------------------------------------------------------------------------------------
-# Masks and per-layer metrics.
-
-
-def config_masks(
-    q: torch.Tensor, k: torch.Tensor, cfg: Config, sparsities: Sequence[float], block_size: int, scale: float | None,
-    window: int | None = None,
-) -> list[dict[str, Any]]:
-    """One mask per sparsity for ``cfg`` on one layer: ``[{mask [Hq, Mq, Mk] bool, density, kept, budget}]``.
-
-    Fixed-sparsity selectors are scored once and ranked per sparsity with the library's exact budgets
-    (per row, or from :func:`cab_attention.allocation.allocate` on the selection's own mass estimate);
-    adaptive mode (``threshold``) and ``dense`` go through :func:`select_blocks` for each sparsity.
-    ``window``: a sliding layer's window (selection inside it, budgets over its blocks).
-    """
-    from cab_attention import select_blocks
-    from cab_attention.allocation import allocate
-    from cab_attention.select import keep_first
-
-    opts = dict(cfg.options)
-    if scale is not None and "scale" not in opts:
-        opts["scale"] = float(scale)
-    out = []
-    allocation = opts.get("allocation", "row")
-    reuse = cfg.selector != "dense" and opts.get("threshold") is None and q.shape[2] >= block_size
-    first = None
-    for s in sparsities:
-        if first is None or not reuse:
-            sel = select_blocks(q, k, selector=cfg.selector, sparsity=float(s), block_size=block_size, causal=True,
-                                window=window, return_diagnostics=reuse, **opts)
-            grid = sel.grid
-            mask = sel.query_head_mask()
-            if reuse:
-                first = sel.diagnostics["priority"]
-                # The library's own order: it includes any demotion (cab edges="positive"), which a
-                # re-ranking of the priority alone would lose.
-                order = sel.diagnostics["order"]
-                mass = sel.diagnostics.get("mass")
-                group = grid.group if sel.shared_kv else 1
-                if sel.shared_kv:
-                    order = order.repeat_interleave(group, dim=1)
-        elif allocation == "row":
-            mask = keep_first(order, grid.budget(float(s), q.device))
-        else:
-            budget_rows = allocate(allocation, mass, grid, float(s)).repeat_interleave(group, dim=1)
-            mask = keep_first(order, budget_rows)
-        valid = grid.valid(q.device)
-        kept = int((mask & valid).sum())
-        budget = int(grid.budget(float(s), q.device).sum()) * mask.shape[0] * mask.shape[1]
-        total = int(valid.sum()) * mask.shape[0] * mask.shape[1]
-        forced = int((grid.forced(q.device) & valid).sum()) * mask.shape[0] * mask.shape[1]
-        out.append({"mask": mask[0], "density": kept / total, "kept": kept, "budget": budget,
-                    "valid": total, "free": kept - forced})
-    return out
-
-
-def layer_metrics(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    masks: torch.Tensor,
-    block_size: int,
-    scale: float | None = None,
-    max_elems: int = 1 << 26,
-    chunk_rows: int = 512,
-    window: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Recall and output error of many block masks on one layer, from one pass over dense attention.
-
-    Args:
-        q: ``[1, Hq, N, D]``; k, v: ``[1, Hkv, N, D]`` (causal self-attention, queries = keys' positions).
-        masks: ``[S, Hq, M, M]`` bool block masks (``M = ceil(N / block_size)``).
-        max_elems, chunk_rows: row-chunk size bounds (elements of the per-block partial outputs; rows).
-        window: a sliding window in tokens: the true attention is then the windowed softmax (query ``t``
-            sees keys ``t - window < s <= t``), as the model computes it.
-
-    Returns (float64, on CPU): ``recall [S, Hq]`` (mean over query rows of the kept softmax mass),
-    ``err2 [S, Hq]`` (sum of squared output differences), ``dense2 [Hq]`` (sum of squared dense outputs),
-    ``min_recall [S, Hq]``. Relative error of a head: ``sqrt(err2 / dense2)``.
-    """
-    if q.dim() != 4 or q.shape[0] != 1:
-        raise ValueError(f"q must be [1, Hq, N, D], got {tuple(q.shape)}")
-    _, hq, n, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    bs = block_size
-    m = -(-n // bs)
-    if masks.dim() != 4 or tuple(masks.shape[1:]) != (hq, m, m):
-        raise ValueError(f"masks must be [S, {hq}, {m}, {m}], got {tuple(masks.shape)}")
-    scale = d**-0.5 if scale is None else float(scale)
-    npad = m * bs
-    qf = q[0].float().view(hkv, g, n, d)
-    kf = F.pad(k[0].float(), (0, 0, 0, npad - n))  # [Hkv, Npad, D]
-    vf = F.pad(v[0].float(), (0, 0, 0, npad - n)).view(hkv, m, bs, d)
-    n_s = masks.shape[0]
-    # [S, Hkv, G, M, M] -> [Hkv, G, M(query block), S, M(key block)] so that a chunk's rows pick their row.
-    mk = masks.to(torch.float32).view(n_s, hkv, g, m, m).permute(1, 2, 3, 0, 4)
-    # Row chunks of whole blocks; a chunk needs only the key blocks up to its last row (causal).
-    rows_per = max(bs, min(chunk_rows, max_elems // max(1, hq * m * d)) // bs * bs)
-    recall = torch.zeros(hkv, g, n_s, dtype=torch.float64, device=q.device)
-    min_rec = torch.ones(hkv, g, n_s, dtype=torch.float64, device=q.device)
-    err2 = torch.zeros(hkv, g, n_s, dtype=torch.float64, device=q.device)
-    dense2 = torch.zeros(hkv, g, dtype=torch.float64, device=q.device)
-    kt = kf.transpose(-1, -2).unsqueeze(1)  # [Hkv, 1, D, Npad]
-    for r0 in range(0, n, rows_per):
-        r1 = min(n, r0 + rows_per)
-        r = r1 - r0
-        cb = -(-r1 // bs)  # key blocks this chunk can see
-        rows = torch.arange(r0, r1, device=q.device)
-        cols = torch.arange(cb * bs, device=q.device)
-        logits = torch.matmul(qf[:, :, r0:r1], kt[..., : cb * bs]).mul_(scale)  # [Hkv, G, R, cb*bs]
-        hidden = cols[None, :] > rows[:, None]
-        if window is not None:
-            hidden |= cols[None, :] <= rows[:, None] - window
-        logits.masked_fill_(hidden, float("-inf"))
-        p = logits.softmax(-1)
-        del logits
-        pb = p.view(hkv, g, r, cb, bs).sum(-1)  # [Hkv, G, R, cb] block mass per row
-        # U[h, g, r, j, :] = sum_{s in block j} P[h, g, r, s] v_s, computed per key block as one batched matmul.
-        pj = p.view(hkv, g * r, cb, bs).transpose(1, 2)  # [Hkv, cb, G*R, bs]
-        u = torch.matmul(pj, vf[:, :cb])  # [Hkv, cb, G*R, D]
-        del p, pj
-        u = u.view(hkv, cb, g, r, d).permute(0, 2, 3, 1, 4)  # [Hkv, G, R, cb, D]
-        od = u.sum(3)  # [Hkv, G, R, D]
-        mrow = mk[:, :, rows // bs, :, :cb]  # [Hkv, G, R, S, cb]
-        kept = torch.matmul(mrow, pb.unsqueeze(-1)).squeeze(-1)  # [Hkv, G, R, S]
-        os_ = torch.matmul(mrow, u) / kept.clamp_min(1e-30).unsqueeze(-1)  # [Hkv, G, R, S, D]
-        # Per-chunk sums in float32 (at most a few hundred thousand terms), accumulated in float64.
-        recall += kept.sum(2).double()
-        min_rec = torch.minimum(min_rec, kept.amin(2).double())
-        err2 += os_.sub_(od.unsqueeze(3)).square_().sum((2, 4)).double()
-        dense2 += od.square().sum((2, 3)).double()
-    recall = recall.permute(2, 0, 1)
-    min_rec = min_rec.permute(2, 0, 1)
-    err2 = err2.permute(2, 0, 1)
-    return {
-        "recall": (recall / n).reshape(n_s, hq).cpu(),
-        "min_recall": min_rec.reshape(n_s, hq).cpu(),
-        "err2": err2.reshape(n_s, hq).cpu(),
-        "dense2": dense2.view(hq).cpu(),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# The recording attention function.
-
-
-class RecallRecorder:
-    """Records recall: an attention function for ``transformers.AttentionInterface`` that runs dense SDPA
-    for the forward pass and, on the side, appends the recall metrics of every configuration and sparsity
-    on each layer to ``self.rows`` (per layer) and ``self.head_rows`` (per head)."""
-
-    def __init__(self, configs: Sequence[Config], sparsities: Sequence[float], block_size: int,
-                 on_layer: Callable[[], None] | None = None, layers: Sequence[int] | None = None):
-        self.configs = list(configs)
-        # Layers to measure (None: every layer whose mask is plain causal). A sliding layer whose window
-        # is shorter than the text is measured only when asked for (``layers``), against its windowed
-        # softmax, with selection inside the window; unasked, it is run with its mask and listed in
-        # ``skipped``. Any other mask (padding, custom patterns) is never measured.
-        self.layers = None if layers is None else {int(x) for x in layers}
-        self.skipped: set[int] = set()
-        self.windowed: dict[int, int] = {}
-        self.sparsities = [float(s) for s in sparsities]
-        self.block_size = block_size
-        self.window = 0
-        self.rows: list[dict[str, Any]] = []
-        self.head_rows: list[dict[str, Any]] = []
-        self.on_layer = on_layer
-
-    def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                 sliding_window=None, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     sliding_window=sliding_window, **kwargs)
-        layer = getattr(module, "layer_idx", -1)
-        wanted = self.layers is None or layer in self.layers
-        n = query.shape[2]
-        if wanted and n == key.shape[2] and n >= self.block_size:
-            # A window that covers the whole text is plain causal attention.
-            window = int(sliding_window) if sliding_window is not None and sliding_window < n else None
-            if is_plain_causal(attention_mask, n):
-                with torch.no_grad():
-                    self.measure(layer, query, key, value, scaling)
-            elif window is not None and self.layers is not None and is_plain_causal(attention_mask, n, window):
-                with torch.no_grad():
-                    self.measure(layer, query, key, value, scaling, window=window)
-                self.windowed[layer] = window
-            elif self.layers is not None:
-                raise ValueError(f"layer {layer} was asked for but its attention mask is neither plain causal nor "
-                                 "a causal sliding window (padding or a custom pattern); recall is not measured there")
-            else:
-                self.skipped.add(layer)
-        if self.on_layer:
-            self.on_layer()
-        return out
-
-    def measure(self, layer: int, q, k, v, scale, window: int | None = None) -> None:
-        if q.shape[0] != 1:
-            raise ValueError(f"the recall recorder measures one sequence at a time (batch 1), got batch {q.shape[0]}")
-        per_cfg = []
-        masks = []
-        for cfg in self.configs:
-            ms = config_masks(q, k, cfg, self.sparsities, self.block_size, scale, window)
-            per_cfg.append(ms)
-            masks += [x["mask"] for x in ms]
-        res = layer_metrics(q, k, v, torch.stack(masks), self.block_size, scale, window=window)
-        idx = 0
-        for cfg, ms in zip(self.configs, per_cfg):
-            for s, info in zip(self.sparsities, ms):
-                rec = res["recall"][idx]
-                err2 = res["err2"][idx]
-                rel = math.sqrt(float(err2.sum()) / max(float(res["dense2"].sum()), 1e-300))
-                self.rows.append({
-                    "window": self.window, "layer": layer, "method": cfg.label, "selector": cfg.selector,
-                    "sparsity": s, "recall": float(rec.mean()), "rel_err": rel,
-                    "min_recall": float(res["min_recall"][idx].min()),
-                    "density": info["density"], "kept_blocks": info["kept"], "budget_blocks": info["budget"],
-                    "valid_blocks": info["valid"], "free_blocks": info["free"],
-                })
-                for h in range(rec.shape[0]):
-                    self.head_rows.append({
-                        "window": self.window, "layer": layer, "head": h, "method": cfg.label, "sparsity": s,
-                        "recall": float(rec[h]),
-                        "rel_err": math.sqrt(float(err2[h]) / max(float(res["dense2"][h]), 1e-300)),
-                    })
-                idx += 1
-
-
-# The old name, kept for one release.
-Recorder = RecallRecorder
-
-
-def is_plain_causal(mask: torch.Tensor | None, n: int, window: int | None = None) -> bool:
-    """Whether a transformers attention mask for ``n`` queries and keys is the plain causal mask (within
-    ``window`` tokens when given), every key real: :func:`cab_attention.hf.analyse_mask`, the one mask
-    analysis.
-
-    ``None`` is what transformers passes when SDPA's ``is_causal`` suffices (no padding, no window
-    shorter than the sequence). A bool mask allows ``True``; a float mask allows entries above its dtype's
-    minimum / 2 (transformers fills masked entries with the minimum).
-    """
-    from cab_attention.hf import analyse_mask, as_bool_mask
-
-    if mask is None:
-        return window is None or window >= n
-    try:
-        spans = analyse_mask(as_bool_mask(mask, n, n), n, n, window)
-    except ValueError:  # wrong shape, a gapped row or a later key: not plain
-        return False
-    return all(s is not None and s.causal and s.k0 == 0 and s.k1 == n for s in spans)
-
-
-def register(recorder: RecallRecorder) -> None:
-    """Register the recorder as an attention function with SDPA's mask builder, through
-    :func:`cab_attention.hf.register` (the one registration path), so that transformers builds each
-    layer's real mask (sliding windows included) for it."""
-    from cab_attention import hf
-
-    hf.register(ATTN_NAME, recorder)
-
-
-def record(model, windows: torch.Tensor, recorder: RecallRecorder, skip: Sequence[int] = (),
-           on_window: Callable[[int], None] | None = None) -> None:
-    """Run ``model`` over each window ``[W, L]`` with the recorder as its attention function (restored
-    after); ``skip``: window indices already measured; ``on_window(w)`` after each window."""
-    register(recorder)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        dev = next(model.parameters()).device
-        for w in range(windows.shape[0]):
-            if w in skip:
-                continue
-            recorder.window = w
-            with torch.no_grad():
-                model(input_ids=windows[w : w + 1].to(dev), use_cache=False)
-            if on_window is not None:
-                on_window(w)
-    finally:
-        model.set_attn_implementation(previous)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Aggregation, plots, report.
-
-
-def complete_windows(rows: Sequence[dict[str, Any]], labels: Sequence[str], sparsities: Sequence[float],
-                     layers: int, windows: int) -> set[int]:
-    """Windows (below ``windows``) whose rows cover every layer, configuration label and sparsity: what
-    an interrupted run finished and ``--resume`` keeps."""
-    want = {(m, round(float(s), 9)) for m in labels for s in sparsities}
-    seen: dict[int, set] = {}
-    for r in rows:
-        key = (r["method"], round(float(r["sparsity"]), 9))
-        if key in want:
-            seen.setdefault(int(r["window"]), set()).add((key, r["layer"]))
-    return {w for w, got in seen.items() if w < windows and len(got) == len(want) * layers}
-
-
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, sparsity): mean over layers of each window, then mean and bootstrap 95% CI over windows."""
-    keys = sorted({(r["method"], r["sparsity"]) for r in rows}, key=lambda x: (x[1], x[0]))
-    order = list(dict.fromkeys(r["method"] for r in rows))
-    keys.sort(key=lambda x: (x[1], order.index(x[0])))
-    out = []
-    for method, s in keys:
-        sub = [r for r in rows if r["method"] == method and r["sparsity"] == s]
-        wins = sorted({r["window"] for r in sub})
-        rec_w = [np.mean([r["recall"] for r in sub if r["window"] == w]) for w in wins]
-        err_w = [np.mean([r["rel_err"] for r in sub if r["window"] == w]) for w in wins]
-        rm, rlo, rhi = bootstrap_ci(rec_w)
-        em, elo, ehi = bootstrap_ci(err_w)
-        kept = sum(r["kept_blocks"] for r in sub)
-        budget = sum(r["budget_blocks"] for r in sub)
-        valid = sum(r["valid_blocks"] for r in sub)
-        free = sum(r["free_blocks"] for r in sub)
-        out.append({
-            "method": method, "sparsity": s, "recall": rm, "recall_lo": rlo, "recall_hi": rhi,
-            "rel_err": em, "rel_err_lo": elo, "rel_err_hi": ehi, "density": kept / valid,
-            "kept_blocks": kept, "budget_blocks": budget, "exact_budget": kept == budget, "windows": len(wins),
-            "free_blocks": free,
-        })
-    return out
-
-
-def per_layer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, sparsity, layer): mean and bootstrap CI over windows."""
-    keys = sorted({(r["method"], r["sparsity"], r["layer"]) for r in rows}, key=lambda x: (x[1], x[0], x[2]))
-    out = []
-    for method, s, layer in keys:
-        sub = [r for r in rows if r["method"] == method and r["sparsity"] == s and r["layer"] == layer]
-        rm, rlo, rhi = bootstrap_ci([r["recall"] for r in sub])
-        em, elo, ehi = bootstrap_ci([r["rel_err"] for r in sub])
-        out.append({"method": method, "sparsity": s, "layer": layer, "recall": rm, "recall_lo": rlo,
-                    "recall_hi": rhi, "rel_err": em, "rel_err_lo": elo, "rel_err_hi": ehi})
-    return out
-
-
-def _plots(out: Path, summary: list[dict[str, Any]], layers: list[dict[str, Any]], prefix: str = "recall") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..plotting import coincidences, legend_label, line_style
-
-    methods = list(dict.fromkeys(r["method"] for r in summary))
-    sps = sorted({r["sparsity"] for r in summary})
-    same = same_values(summary)
-    files = []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, m in enumerate(methods):
-        sub = sorted((r for r in summary if r["method"] == m), key=lambda r: r["sparsity"])
-        x = [r["sparsity"] for r in sub]
-        for ax, key in zip(axes, ("recall", "rel_err")):
-            y = [r[key] for r in sub]
-            err = [[r[key] - r[f"{key}_lo"] for r in sub], [r[f"{key}_hi"] - r[key] for r in sub]]
-            ax.errorbar(x, y, yerr=err, capsize=3, label=legend_label(m, same), **line_style(i))
-    axes[0].set_ylabel("attention recall (mean over tokens, heads, layers)")
-    axes[1].set_ylabel("relative output error ||O_s - O|| / ||O||")
-    for ax in axes:
-        ax.set_xlabel("sparsity")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Recall and error vs sparsity (95% bootstrap CI over windows; '(= x)': same values as x)")
-    fig.tight_layout()
-    p = out / f"{prefix}_vs_sparsity.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    files.append(p.name)
-
-    fig, axes = plt.subplots(1, len(sps), figsize=(5.5 * len(sps), 4.2), squeeze=False)
-    for ax, s in zip(axes[0], sps):
-        curves = {m: sorted((r for r in layers if r["method"] == m and r["sparsity"] == s), key=lambda r: r["layer"])
-                  for m in methods}
-        same_s = coincidences({m: [r["recall"] for r in c] for m, c in curves.items()})
-        for i, m in enumerate(methods):
-            sub = curves[m]
-            ax.plot([r["layer"] for r in sub], [r["recall"] for r in sub], label=legend_label(m, same_s),
-                    **{**line_style(i), "ms": 4})
-        ax.set_title(f"sparsity {s:g}")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("recall")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    p = out / f"{prefix}_per_layer.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    files.append(p.name)
-    return files
-
-
-def same_values(summary: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Methods whose recall and error equal an earlier method's at every sparsity (see
-    :func:`cab_eval.plotting.coincidences`): such lines overlap in the plots, and the tables say so."""
-    from ..plotting import coincidences
-
-    methods = list(dict.fromkeys(r["method"] for r in summary))
-    vals = {}
-    for m in methods:
-        sub = sorted((r for r in summary if r["method"] == m), key=lambda r: r["sparsity"])
-        vals[m] = [r["recall"] for r in sub] + [r["rel_err"] for r in sub]
-    return coincidences(vals)
 
 
 def run(
@@ -636,7 +154,7 @@ def run(
         "load_seconds": t_load,
     }
     files = ["recall.json", "recall.csv", "recall_heads.csv", "recall_summary.csv", "summary.md"]
-    files += _plots(out, summary, per_layer_rows)
+    files += plot_recall(out, summary, per_layer_rows)
     body = (
         f"Model {result['model']} ({result['dtype']}), {windows} windows x {length} tokens of {result['corpus']} "
         f"(BOS {bos_id}: {bos_reason}), block {block_size}, layers {result['measured_layers']} of {n_layers} (skipped, "
