@@ -1,7 +1,7 @@
 """``cab train nsa``: train a tiny byte-level Llama from scratch with dense attention or NSA, whose
 selection branch is NSA's own top-n or a library selector at the same budget.
 
-Question (issue 12): does a graph-aware selection branch (``cab``) train better or worse than NSA's own
+Question: does a graph-aware selection branch (``cab``) train better or worse than NSA's own
 (``nsa``), at equal compute? Variants: ``dense`` (transformers' SDPA attention), ``nsa`` (NSA-topk:
 compressed-attention scores), ``nsa-<selector>`` (any library selector, e.g. ``nsa-cab``,
 ``nsa-antidiagonal``). Every NSA variant keeps exactly ``min(v_i, n)`` blocks per query block and KV

@@ -1,4 +1,4 @@
-"""GPU check of packed variable-length batches and context parallel attention (issue 10, parts 1 and 4),
+"""GPU check of packed variable-length batches and context parallel attention,
 in one go: about 2-3 minutes on one H200, most of it FlexAttention compiles.
 
 1. Correctness of the packed FlexAttention launch (cab_attention.varlen) on CUDA: one awkward batch

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Speed-II measurement (issue 9) in one device call: `cab bench attention`, `cab bench predictor`,
+# The Speed-II measurement in one device call: `cab bench attention`, `cab bench predictor`,
 # `cab bench model` and the summary, each part independent (one failing or timing out loses nothing of
 # the others: every bench writes its CSV after each group / length).
 #

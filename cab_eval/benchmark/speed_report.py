@@ -1,4 +1,4 @@
-"""The Speed-II sections of the benchmarks page (issue 9), computed from CSV rows only.
+"""The Speed-II sections of the benchmarks page, computed from CSV rows only.
 
 * :func:`issue_targets`: each target of the issue (128k, 95%, B = 1) as today's measured figure, the
   same-run anchor (cuDNN, FlexAttention), the previous recorded figure, and met / not met / not measured;

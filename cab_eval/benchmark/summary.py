@@ -415,7 +415,7 @@ def compact(all_rows) -> str:
             lines.append(f"  [{other}]: " + "; ".join(f"{c.split(' [')[0]} ({verdict(ok).strip('*')})"
                                                     for _, _, c, ok in targets(rows, other)))
     if speed_report.has_speed_rows(rows):
-        lines.append("issue 9 targets (128k, 95%):")
+        lines.append("Speed-II targets (128k, 95%):")
         for t in speed_report.targets_for([i for i in ("triton", "triton-bf16")
                                            if any(r["case"] == f"predictor:cab-default[{i}]" for r in rows)] or ["triton"]):
             text, ok = speed_report.measure_target(rows, t)
