@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -345,40 +345,38 @@ class RowWriter:
                 {**self.common, **{k: fmt(v) for k, v in row.items()}})
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``; ``expected`` names the form in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+def _names_from(allowed: Collection[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma list of names, each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = parse_names(text)
+        bad = [s for s in names if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; unknown {bad}")
+        return names
+
+    return parse
 
 
-def _selections(text: str) -> list[str]:
-    names = parse_names(text)
-    bad = [s for s in names if s not in NSA_SELECTIONS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(NSA_SELECTIONS)}; unknown {bad}")
-    return names
-
-
-def _dense(text: str) -> list[str]:
-    names = parse_names(text)
-    bad = [s for s in names if s not in DENSE_BACKENDS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(DENSE_BACKENDS)}; unknown {bad}")
-    return names
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "an integer >= 0")
+_selections = _names_from(NSA_SELECTIONS)
+_dense = _names_from(DENSE_BACKENDS)
 
 
 def _seconds(text: str) -> float:
