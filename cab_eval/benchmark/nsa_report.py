@@ -8,10 +8,10 @@ varies between rows is spelled per length (``10 at 8k; 5 at 32k``).
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Callable
 
+from .formatting import finite, fmt_ms, nlabel
 from .nsa import method_name
 
 #: The columns the section reads (a subset of :data:`cab_eval.benchmark.nsa.FIELDS`).
@@ -40,24 +40,6 @@ def read_nsa_csv(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def _num(x: str | None) -> float | None:
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _nlabel(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-def _ms(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
 def _spelled(rows: list[dict[str, str]], col: str) -> str:
     """The column's value when all rows agree, else each value with the lengths it holds at."""
     by_value: dict[str, list[int]] = {}
@@ -67,7 +49,7 @@ def _spelled(rows: list[dict[str, str]], col: str) -> str:
             ns.append(int(r["N"]))
     if len(by_value) == 1:
         return next(iter(by_value))
-    return "; ".join(f"{v} at {', '.join(_nlabel(n) for n in sorted(ns))}" for v, ns in by_value.items())
+    return "; ".join(f"{v} at {', '.join(nlabel(n) for n in sorted(ns))}" for v, ns in by_value.items())
 
 
 def nsa_section(rows: list[dict[str, str]], csv_path: Path, rel: Callable[[Path], str]) -> str:
@@ -100,15 +82,15 @@ def nsa_section(rows: list[dict[str, str]], csv_path: Path, rel: Callable[[Path]
                   "about speed.**\n")
     for n in sorted({int(r["N"]) for r in rows}):
         at_n = [r for r in rows if int(r["N"]) == n]
-        ref = next((_num(r["fwd_bwd_ms"]) for r in at_n if r["method"] == DENSE_REF), None)
+        ref = next((finite(r["fwd_bwd_ms"]) for r in at_n if r["method"] == DENSE_REF), None)
         body = []
         for r in at_n:
-            fb = _num(r["fwd_bwd_ms"])
+            fb = finite(r["fwd_bwd_ms"])
             ratio = f"{fb / ref:.2f}x" if fb is not None and ref else "-"
-            peak = _num(r["peak_gib"])
-            body.append([f"`{r['method']}`", _ms(_num(r["fwd_ms"])), _ms(fb), ratio,
+            peak = finite(r["peak_gib"])
+            body.append([f"`{r['method']}`", fmt_ms(finite(r["fwd_ms"])), fmt_ms(fb), ratio,
                          "-" if peak is None else f"{peak:.2f}", r["status"].replace("|", "/") or "-"])
-        md.append(f"### N = {_nlabel(n)} ({n} tokens)\n")
+        md.append(f"### N = {nlabel(n)} ({n} tokens)\n")
         lines = ["| method | forward ms | forward+backward ms | fwd+bwd / dense cuDNN | peak GiB | status |",
                  "|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(c) + " |" for c in body]

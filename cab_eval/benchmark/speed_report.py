@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .formatting import finite, fmt_ms, nlabel
+
 TARGET_N = 131072
 HEADLINE_S = 0.95
 DENSE = "attention:sdpa-cudnn"
@@ -25,16 +27,8 @@ DENSE = "attention:sdpa-cudnn"
 NOISE = 1.05
 
 
-def _f(x):
-    try:
-        v = float(x)
-        return v if math.isfinite(v) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _ok(r) -> bool:
-    return r.get("status", "ok").startswith("ok") and _f(r.get("ms")) is not None
+    return r.get("status", "ok").startswith("ok") and finite(r.get("ms")) is not None
 
 
 def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
@@ -42,20 +36,10 @@ def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
     for r in rows:
         if r["case"] != case or int(r["n"]) != n or int(r["batch"]) != batch or not _ok(r):
             continue
-        s = _f(r.get("sparsity"))
+        s = finite(r.get("sparsity"))
         if (sparsity is None and s is None) or (sparsity is not None and s is not None and abs(s - sparsity) < 1e-9):
-            return _f(r.get(key))
+            return finite(r.get(key))
     return None
-
-
-def fmt_ms(x):
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
-
-
-def nlabel(n):
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def table(header, body):
@@ -214,8 +198,8 @@ def kept_rate_table(rows) -> str:
     """Kept-tile TFLOP/s (ms) of FlexAttention and the Triton kernel on the same masks, per N, block, sparsity."""
     body = []
     ns = sorted({int(r["n"]) for r in rows if int(r["batch"]) == 1})
-    sps = sorted({_f(r["sparsity"]) for r in rows if r["case"].startswith("attention:cab-sparse[triton]")
-                  and _f(r["sparsity"]) is not None}, reverse=True)
+    sps = sorted({finite(r["sparsity"]) for r in rows if r["case"].startswith("attention:cab-sparse[triton]")
+                  and finite(r["sparsity"]) is not None}, reverse=True)
     for n in ns:
         for bs, suffix in ((64, ""), (128, "@bs128")):
             for s in sps:
@@ -251,9 +235,9 @@ def regression_rows(today, previous):
     for r in today:
         if int(r["batch"]) != 1 or not _ok(r) or not _kind_ok(r["case"]):
             continue
-        s = _f(r.get("sparsity"))
+        s = finite(r.get("sparsity"))
         p = value(previous, r["case"], int(r["n"]), sparsity=s)
-        t = _f(r["ms"])
+        t = finite(r["ms"])
         if p is not None and p > 0:
             out.append((r["case"], int(r["n"]), s, p, t, t / p))
     return sorted(out, key=lambda x: (x[0], x[1], -(x[2] or 0)))
@@ -276,9 +260,9 @@ def kept_rate_plot(rows, out_path: Path, s=HEADLINE_S) -> Path | None:
     lines = []
     for case, label in (("attention:cab-sparse", "flex, 64"), ("attention:cab-sparse[triton]", "triton, 64"),
                         ("attention:cab-sparse@bs128", "flex, 128"), ("attention:cab-sparse[triton]@bs128", "triton, 128")):
-        pts = sorted((int(r["n"]), _f(r["kept_tflops"])) for r in rows
-                     if r["case"] == case and int(r["batch"]) == 1 and _ok(r) and _f(r.get("kept_tflops")) is not None
-                     and _f(r.get("sparsity")) is not None and abs(_f(r["sparsity"]) - s) < 1e-9)
+        pts = sorted((int(r["n"]), finite(r["kept_tflops"])) for r in rows
+                     if r["case"] == case and int(r["batch"]) == 1 and _ok(r) and finite(r.get("kept_tflops")) is not None
+                     and finite(r.get("sparsity")) is not None and abs(finite(r["sparsity"]) - s) < 1e-9)
         if pts:
             lines.append((label, pts))
     if not lines:

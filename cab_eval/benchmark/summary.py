@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from . import speed_report
+from .formatting import finite, fmt_ms, nlabel
 from .nsa_report import nsa_section, read_nsa_csv
 from .io import read_csv
 from .plots import make_plots, ok_rows, pick_impl
@@ -44,40 +45,22 @@ TARGETS = {
 }
 
 
-def _f(x):
-    try:
-        v = float(x)
-        return v if math.isfinite(v) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _same_s(r, s):
     if s is None:
         return r.get("sparsity", "") in ("", None)
-    v = _f(r.get("sparsity"))
+    v = finite(r.get("sparsity"))
     return v is not None and abs(v - s) < 1e-9
 
 
 def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
     for r in rows:
         if r["case"] == case and int(r["n"]) == n and int(r["batch"]) == batch and _same_s(r, sparsity):
-            return _f(r.get(key))
+            return finite(r.get(key))
     return None
-
-
-def fmt_ms(x):
-    if x is None:
-        return "-"
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
 def fmt(x, spec=".1f"):
     return "-" if x is None else format(x, spec)
-
-
-def nlabel(n):
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def table(header, body):
@@ -166,11 +149,11 @@ def model_section(model_rows, model_csv: Path, rel) -> str:
     for n in sorted({int(r["n"]) for r in ok}, reverse=True):
         for r in (r for r in ok if int(r["n"]) == n):
             none = r["variant"] == "none"
-            s = _f(r.get("sparsity"))
+            s = finite(r.get("sparsity"))
             body.append([nlabel(n), f"`{r['variant']}`", "-" if none or r["variant"].startswith("dense") or s is None else f"{s:.0%}",
-                         fmt(_f(r.get("density")), ".4f"), fmt_ms(_f(r.get("ms"))), fmt_ms(_f(r.get("attention_ms"))),
-                         fmt(_f(r.get("attention_share")), ".1%"), fmt(_f(r.get("speedup_forward")), ".2f"),
-                         fmt(_f(r.get("speedup_attention")), ".2f"), fmt(_f(r.get("peak_gib")), ".2f")])
+                         fmt(finite(r.get("density")), ".4f"), fmt_ms(finite(r.get("ms"))), fmt_ms(finite(r.get("attention_ms"))),
+                         fmt(finite(r.get("attention_share")), ".1%"), fmt(finite(r.get("speedup_forward")), ".2f"),
+                         fmt(finite(r.get("speedup_attention")), ".2f"), fmt(finite(r.get("peak_gib")), ".2f")])
     md.append(table(["N", "variant", "sparsity", "density", "forward ms", "attention ms", "attention share",
                      "speedup (forward)", "speedup (attention)", "peak GiB"], body))
     bad = [r for r in model_rows if not r.get("status", "ok").startswith("ok")]
@@ -258,7 +241,7 @@ def render(all_rows, csv_path: Path, plot_paths, out_path: Path, command: str | 
     if ns:
         md.append("## Latency at B = 1 (median ms)\n")
         hdr = ["N", "SDPA (CPU)" if cpu else "SDPA flash", "SDPA cuDNN", "Flex dense"]
-        sps = sorted({_f(r["sparsity"]) for r in rows if r["case"] == f"total:cab[{impl}]" and _f(r["sparsity"]) is not None})
+        sps = sorted({finite(r["sparsity"]) for r in rows if r["case"] == f"total:cab[{impl}]" and finite(r["sparsity"]) is not None})
         hdr += [f"CAB attn {s:.0%}" for s in sps] + [f"predictor [{impl}] 95%"]
         mag_impl = impl if any(r["case"] == f"total:magnitude[{impl}]" for r in rows) else "torch"
         mag_total = f"total:magnitude[{mag_impl}]"
