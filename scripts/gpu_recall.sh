@@ -72,21 +72,15 @@ fi
 
 MODEL=${1:-}
 case $MODEL in
-  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LAYERS=5,11,17; CONVERT=180  # the conversion took 84 s on the H200 (2026-12-04); 90 s killed it
+  gemma3) LAYERS=5,11,17; CONVERT=180  # the conversion took 84 s on the H200 (2026-12-04); 90 s killed it
           CELLS=("16384 70" "32768 100" "8192 40") ;;
-  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LAYERS=""; CONVERT=40; CELLS=("8192 80") ;;
+  smollm2) LAYERS=""; CONVERT=40; CELLS=("8192 80") ;;
   *) echo "usage: bash scripts/gpu_recall.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
-export CAB_MODEL_DIR=${CAB_MODEL_DIR:-/root/m}
 IDS=$(ids_dir "$MODEL")
 OUT=${OUT:-runs/gpu-recall}
-mkdir -p "$OUT"
-for f in "$IDS/recall-tokens.json" "$CAB_MODEL_DIR/$GGUF"; do
-  [ -f "$f" ] || { echo "missing $f (build the ids on the CPU side; stage the GGUF in \$CAB_MODEL_DIR)"; exit 1; }
-done
-python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CAB_MODEL_DIR"/gguf-*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAB_CACHE_DIR=${CAB_CACHE_DIR:-$CAB_MODEL_DIR/cache}
-[ -f "$OUT/device.txt" ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt"
+source "$(dirname "$0")/gpu_model_env.sh"
+model_env "$IDS/recall-tokens.json"
 cp "$IDS/recall-tokens.json" "$OUT/"
 
 # The candidates, exactly as registered (label@selector:options). Allocation variants are computed for

@@ -52,20 +52,14 @@ fi
 
 MODEL=${1:-}
 case $MODEL in
-  gemma3) GGUF=gemma-3-270m-q4_k_m.gguf; LIMIT=${RULER_LIMIT:-160}; HARD=${RULER_HARD:-215}; BATCH=2 ;;
-  smollm2) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; LIMIT=${RULER_LIMIT:-45}; HARD=${RULER_HARD:-65}; BATCH=4 ;;
+  gemma3) LIMIT=${RULER_LIMIT:-160}; HARD=${RULER_HARD:-215}; BATCH=2 ;;
+  smollm2) LIMIT=${RULER_LIMIT:-45}; HARD=${RULER_HARD:-65}; BATCH=4 ;;
   *) echo "usage: bash scripts/gpu_ruler.sh build [models] | gemma3 | smollm2"; exit 1 ;;
 esac
-export CAB_MODEL_DIR=${CAB_MODEL_DIR:-/root/m}
 IDS=$(ids_dir "$MODEL")/ruler.json.gz
 OUT=${OUT:-runs/gpu-ruler}
-mkdir -p "$OUT"
-for f in "$IDS" "$CAB_MODEL_DIR/$GGUF"; do
-  [ -f "$f" ] || { echo "missing $f (build on the CPU side; stage the GGUF in \$CAB_MODEL_DIR)"; exit 1; }
-done
-python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CAB_MODEL_DIR"/gguf-*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CAB_CACHE_DIR=${CAB_CACHE_DIR:-$CAB_MODEL_DIR/cache}
-[ -f "$OUT/device.txt" ] || nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt"
+source "$(dirname "$0")/gpu_model_env.sh"
+model_env "$IDS"
 
 t0=$SECONDS
 dir=runs/gpu/ruler-$MODEL
