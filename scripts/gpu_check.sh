@@ -47,35 +47,8 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 STEPS=()
 
-wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-now() { date +%s; }
-left() { echo $(( BUDGET - ($(now) - START) )); }
-min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
-max() { if [ "$1" -gt "$2" ]; then echo "$1"; else echo "$2"; fi; }
-
-# step NAME LIMIT_S CMD...: run with a hard timeout, log to $LOGS/NAME.log, record rc and seconds.
-step() {
-  local name=$1 limit=$2; shift 2
-  local t0 rc
-  t0=$(now)
-  if [ "$limit" -lt 5 ]; then
-    echo "== $name: skipped (budget spent)" | tee "$LOGS/$name.log"
-    STEPS+=("$name|skipped|0")
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*"
-  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
-  rc=$?
-  local dt=$(( $(now) - t0 ))
-  case $rc in
-    0) res=ok ;;
-    124|137) res="TIMEOUT(rc=$rc)" ;;
-    *) res="FAILED(rc=$rc)" ;;
-  esac
-  echo "   -> $res in ${dt}s; last lines:"
-  tail -n 4 "$LOGS/$name.log" | sed 's/^/      /'
-  STEPS+=("$name|$res|$dt")
-}
+STEP_KILL_AFTER=15 STEP_TAIL=4
+source "scripts/gpu_steps.sh"  # wants, now, left, min, max, step
 
 # 1. environment
 {

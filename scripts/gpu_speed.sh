@@ -46,33 +46,8 @@ PY=${PYTHON:-python3}
 START=$(date +%s)
 STEPS=()
 
-wants() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-now() { date +%s; }
-left() { echo $(( BUDGET - ($(now) - START) )); }
-min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
-
-# step NAME LIMIT_S CMD...: hard timeout, log to $LOGS/NAME.log, record the outcome.
-step() {
-  local name=$1 limit=$2; shift 2
-  local t0 rc res
-  t0=$(now)
-  if [ "$limit" -lt 5 ]; then
-    echo "== $name: skipped (budget spent)" | tee "$LOGS/$name.log"
-    STEPS+=("$name|skipped|0")
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
-  rc=$?
-  case $rc in
-    0) res=ok ;;
-    124|137) res="TIMEOUT(rc=$rc)" ;;
-    *) res="FAILED(rc=$rc)" ;;
-  esac
-  echo "   -> $res in $(( $(now) - t0 ))s; last lines:"
-  tail -n 3 "$LOGS/$name.log" | sed 's/^/      /'
-  STEPS+=("$name|$res|$(( $(now) - t0 ))")
-}
+STEP_KILL_AFTER=10 STEP_TAIL=3
+source "scripts/gpu_steps.sh"  # wants, now, left, min, max, step
 
 # The parts' shares of the budget (seconds at the default 420; scaled for other budgets). Each bench also
 # gets an internal --budget-s a little under its hard limit, so that it skips (and records) its last
