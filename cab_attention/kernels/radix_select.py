@@ -30,13 +30,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _radix_select_kernel(
-    prio_ptr, cand_ptr, budget_ptr, mask_ptr, num_ptr, idx_ptr,
-    Mq, Mk, lo, W,
-    CAUSAL: tl.constexpr, HAS_CAND: tl.constexpr, WRITE_MASK: tl.constexpr, BUDGET_PER_ROW: tl.constexpr,
-    BN: tl.constexpr,
-):
-    row = tl.program_id(0)
+def row_prologue(prio_ptr, cand_ptr, row, Mq, Mk, lo, CAUSAL: tl.constexpr, HAS_CAND: tl.constexpr, BN: tl.constexpr):
+    """One selection row's edge set and keys, shared by the per-row selection kernels (this one and
+    :mod:`.topk`'s): ``(i, j, inb, forced, cand, row_off, okey)`` with ``forced`` the sink and diagonal,
+    ``cand`` the other valid (and, with ``HAS_CAND``, allowed) blocks, and ``okey`` the priority as an
+    int32 whose signed order is the float order of ``torch.nan_to_num(p, nan=-inf)``."""
     i = row % Mq
     j = tl.arange(0, BN)
     inb = j < Mk
@@ -51,20 +49,46 @@ def _radix_select_kernel(
     if HAS_CAND:
         cm = tl.load(cand_ptr + row_off + j, mask=valid, other=0)
         cand = cand & (cm != 0)
-    if BUDGET_PER_ROW:
-        k = tl.load(budget_ptr + row).to(tl.int32)
-    else:
-        k = tl.load(budget_ptr + i).to(tl.int32)
-    n_forced = tl.sum(forced.to(tl.int32), axis=0)
-    r = k - n_forced
     p = tl.load(prio_ptr + row_off + j, mask=valid, other=0.0).to(tl.float32)  # non-edges: never read
-    # torch.nan_to_num(p, nan=-inf), as rank_order does: +-inf -> +-FLT_MAX, then NaN -> -inf.
+    # torch.nan_to_num(p, nan=-inf), as rank_order does: +-inf -> +-FLT_MAX, then NaN -> -inf (so NaN
+    # ranks below -inf, and +-inf tie with +-FLT_MAX).
     p = tl.where(p == float("inf"), 3.4028234663852886e38, p)
     p = tl.where(p == float("-inf"), -3.4028234663852886e38, p)
     p = tl.where(p != p, float("-inf"), p)
     p = tl.where(p == 0.0, 0.0, p)  # -0.0 ties with +0.0
     bits = p.to(tl.int32, bitcast=True)
     okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed int32 order == float order
+    return i, j, inb, forced, cand, row_off, okey
+
+
+@triton.jit
+def store_kept(keep, mask_ptr, num_ptr, idx_ptr, row, row_off, j, inb, W, WRITE_MASK: tl.constexpr):
+    """Write one row's kept blocks: the count, the mask (``WRITE_MASK``) and FlexAttention's index layout
+    (kept blocks ascending, then the others, cut at ``W`` columns)."""
+    kept = keep.to(tl.int32)
+    nkeep = tl.sum(kept, axis=0)
+    tl.store(num_ptr + row, nkeep)
+    if WRITE_MASK:
+        tl.store(mask_ptr + row_off + j, kept.to(tl.int8), mask=inb)
+    csum = tl.cumsum(kept, axis=0)
+    pos = tl.where(keep, csum - 1, nkeep + j - csum)
+    tl.store(idx_ptr + row.to(tl.int64) * W + pos, tl.where(keep, j, 0), mask=inb & (pos < W))
+
+
+@triton.jit
+def _radix_select_kernel(
+    prio_ptr, cand_ptr, budget_ptr, mask_ptr, num_ptr, idx_ptr,
+    Mq, Mk, lo, W,
+    CAUSAL: tl.constexpr, HAS_CAND: tl.constexpr, WRITE_MASK: tl.constexpr, BUDGET_PER_ROW: tl.constexpr,
+    BN: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i, j, inb, forced, cand, row_off, okey = row_prologue(prio_ptr, cand_ptr, row, Mq, Mk, lo, CAUSAL, HAS_CAND, BN)
+    if BUDGET_PER_ROW:
+        k = tl.load(budget_ptr + row).to(tl.int32)
+    else:
+        k = tl.load(budget_ptr + i).to(tl.int32)
+    r = k - tl.sum(forced.to(tl.int32), axis=0)
     key = (okey ^ -2147483648).to(tl.uint32, bitcast=True)  # flip the sign bit: unsigned order
     # Phase 1: the r-th largest candidate key T (largest T with #(cand & key >= T) >= r).
     thr = tl.zeros([], dtype=tl.uint32)
@@ -79,14 +103,7 @@ def _radix_select_kernel(
     need = r - tl.sum(gt.to(tl.int32), axis=0)
     after = tl.sum(eq_i, axis=0) - tl.cumsum(eq_i, axis=0)  # ties at larger indices than j
     keep = forced | ((gt | (eq & (after < need))) & (r > 0))
-    kept = keep.to(tl.int32)
-    nkeep = tl.sum(kept, axis=0)
-    tl.store(num_ptr + row, nkeep)
-    if WRITE_MASK:
-        tl.store(mask_ptr + row_off + j, kept.to(tl.int8), mask=inb)
-    csum = tl.cumsum(kept, axis=0)
-    pos = tl.where(keep, csum - 1, nkeep + j - csum)
-    tl.store(idx_ptr + row.to(tl.int64) * W + pos, tl.where(keep, j, 0), mask=inb & (pos < W))
+    store_kept(keep, mask_ptr, num_ptr, idx_ptr, row, row_off, j, inb, W, WRITE_MASK)
 
 
 def default_warps(bn: int) -> int:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .radix_select import radix_select_rows, row_prologue, store_kept
+
 
 @triton.jit
 def _select_kernel(
@@ -34,32 +36,9 @@ def _select_kernel(
     BN: tl.constexpr, LOGN: tl.constexpr,
 ):
     row = tl.program_id(0)
-    i = row % Mq
-    j = tl.arange(0, BN)
-    inb = j < Mk
-    diag = tl.minimum(i + lo, Mk - 1)
-    if CAUSAL:
-        valid = inb & (j <= diag)
-    else:
-        valid = inb
-    forced = valid & ((j == 0) | (j == diag))
-    cand = valid & (forced == 0)
-    row_off = row.to(tl.int64) * Mk
-    if HAS_CAND:
-        cm = tl.load(cand_ptr + row_off + j, mask=valid, other=0)
-        cand = cand & (cm != 0)
+    i, j, inb, forced, cand, row_off, okey = row_prologue(prio_ptr, cand_ptr, row, Mq, Mk, lo, CAUSAL, HAS_CAND, BN)
     k = tl.load(budget_ptr + i).to(tl.int32)
-    n_forced = tl.sum(forced.to(tl.int32), axis=0)
-    r = k - n_forced
-    p = tl.load(prio_ptr + row_off + j, mask=valid, other=0.0).to(tl.float32)  # non-edges: never read
-    # torch.nan_to_num(p, nan=-inf), as rank_order does: +-inf become +-FLT_MAX, then NaN becomes -inf
-    # (so NaN ranks below -inf, and +-inf tie with +-FLT_MAX).
-    p = tl.where(p == float("inf"), 3.4028234663852886e38, p)
-    p = tl.where(p == float("-inf"), -3.4028234663852886e38, p)
-    p = tl.where(p != p, float("-inf"), p)
-    p = tl.where(p == 0.0, 0.0, p)  # -0.0 ties with +0.0
-    bits = p.to(tl.int32, bitcast=True)
-    okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
+    r = k - tl.sum(forced.to(tl.int32), axis=0)
     ukey = okey.to(tl.int64) + 2147483648  # [0, 2^32)
     key = (ukey << LOGN) | j.to(tl.int64)
     key = tl.where(cand, key, -1)
@@ -69,14 +48,7 @@ def _select_kernel(
         cnt = tl.sum((key >= trial).to(tl.int32), axis=0)
         thr = tl.where(cnt >= r, trial, thr)
     keep = forced | (cand & (key >= thr) & (r > 0))
-    kept = keep.to(tl.int32)
-    nkeep = tl.sum(kept, axis=0)
-    tl.store(num_ptr + row, nkeep)
-    if WRITE_MASK:
-        tl.store(mask_ptr + row_off + j, kept.to(tl.int8), mask=inb)
-    csum = tl.cumsum(kept, axis=0)
-    pos = tl.where(keep, csum - 1, nkeep + j - csum)
-    tl.store(idx_ptr + row.to(tl.int64) * W + pos, tl.where(keep, j, 0), mask=inb & (pos < W))
+    store_kept(keep, mask_ptr, num_ptr, idx_ptr, row, row_off, j, inb, W, WRITE_MASK)
 
 
 def select_rows(
@@ -106,8 +78,6 @@ def select_rows(
         ``(mask or None, kv_num_blocks [B, H, Mq] int32, kv_indices [B, H, Mq, W] int32)``.
     """
     if method == "radix":
-        from .radix_select import radix_select_rows
-
         return radix_select_rows(priority, budget, lo, causal, candidates=candidates, write_mask=write_mask,
                                  index_width=index_width)
     if method != "bits64":
