@@ -19,7 +19,6 @@ head/layer variants against antidiagonal and against their own row variant. Prin
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cab_eval.evaluate.ablation import method_means, paired  # noqa: E402
 from cab_eval.evaluate.recall import TEXT_FIELDS  # noqa: E402
 from cab_eval.evaluate.report import RowsFile  # noqa: E402
 from cab_eval.evaluate.ruler import paired_accuracy  # noqa: E402
+from cab_eval.evaluate.ruler_run import read_trials  # noqa: E402
 
 REFERENCE = "antidiagonal"
 ORACLE = "oracle"
@@ -51,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ruler", action="append", default=[], help="MODEL=ruler trials CSV")
     args = ap.parse_args(argv)
     recall = {label: RowsFile(Path(p), TEXT_FIELDS).read() for label, p in (_pair(s, "recall") for s in args.recall)}
-    trials = {}
-    for label, p in (_pair(s, "ruler") for s in args.ruler):
-        with open(p, newline="") as f:
-            trials[label] = list(csv.DictReader(f))
+    trials = {label: read_trials(Path(p)) for label, p in (_pair(s, "ruler") for s in args.ruler)}
 
     cells = []  # (model, length, sparsity, rows)
     for label, rows in recall.items():
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, ts in trials.items():
         for r in paired_accuracy(ts, REFERENCE, ("sparsity", "length")):
             if r["length"] == "all":
-                acc[(model, float(r["sparsity"]), r["selector"])] = r
+                acc[(model, r["sparsity"], r["selector"])] = r
 
     print("| candidate | " + " | ".join(f"{m} {n} s={s:g}" for m, n, s, _ in cells) + " | beats antidiagonal |")
     print("|---|" + "---|" * (len(cells) + 1))

@@ -297,8 +297,8 @@ def test_paired_accuracy_pairs_prompts_and_pools_lengths():
     # length 8: prompts a, b, c; the candidate wins a, loses nothing; c only the reference ran.
     trials += [t("antidiagonal", 0.9, 8, u, ok) for u, ok in (("a", False), ("b", True), ("c", True))]
     trials += [t("x", 0.9, 8, u, ok) for u, ok in (("a", True), ("b", True))]
-    # length 16 (read back from a CSV: strings): the candidate loses d.
-    trials += [t("antidiagonal", "0.9", 16, "d", "True"), t("x", "0.9", 16, "d", "False")]
+    # length 16: the candidate loses d.
+    trials += [t("antidiagonal", 0.9, 16, "d", True), t("x", 0.9, 16, "d", False)]
     rows = {(r["length"], r["selector"]): r for r in paired_accuracy(trials)}
     assert set(rows) == {(8, "x"), (16, "x"), ("all", "x")}
     r8 = rows[(8, "x")]

@@ -56,17 +56,19 @@ def paired_accuracy(trials: Iterable[dict[str, Any]], reference: str = "antidiag
     pooled over the last ``by`` field (``"all"``): mean paired difference and its 95% percentile bootstrap
     interval with the prompt as the cluster (4000 resamples, seed 0; the pre-registered statistic).
 
-    Only prompts both selectors ran count (a run cut by its time limit pairs what it finished); ``a_only``
-    and ``ref_only`` count the prompts one got right and the other not. Dense (sparsity 0) is not paired.
+    ``trials`` are typed as a run writes them or ``ruler_run.read_trials`` reads them back (float
+    ``sparsity``, bool ``correct``), as for :func:`aggregate`. Only prompts both selectors ran count (a run
+    cut by its time limit pairs what it finished); ``a_only`` and ``ref_only`` count the prompts one got
+    right and the other not. Dense (sparsity 0) is not paired.
     """
     from cab_eval.evaluate.ablation import cluster_bootstrap
 
-    trials = [t for t in trials if float(t["sparsity"]) > 0]
+    trials = [t for t in trials if t["sparsity"] > 0]
     outcome: dict[tuple, dict[str, dict[str, bool]]] = {}
     for t in trials:
-        key = tuple(_cell_value(f, t[f]) for f in by)
+        key = tuple(t[f] for f in by)
         for cell in (key, key[:-1] + ("all",)):
-            outcome.setdefault(cell, {}).setdefault(t["selector"], {})[t["uid"]] = _truthy(t["correct"])
+            outcome.setdefault(cell, {}).setdefault(t["selector"], {})[t["uid"]] = bool(t["correct"])
     rows = []
     for cell, per in outcome.items():
         ref = per.get(reference)
@@ -87,17 +89,3 @@ def paired_accuracy(trials: Iterable[dict[str, Any]], reference: str = "antidiag
                          "a_only": sum(got[u] and not ref[u] for u in common),
                          "ref_only": sum(ref[u] and not got[u] for u in common)})
     return rows
-
-
-def _cell_value(field: str, v: Any) -> Any:
-    """Grid values as numbers whether they come from a run (numbers) or a CSV (strings)."""
-    if field == "sparsity":
-        return float(v)
-    if field in ("length", "tokens", "sample"):
-        return int(float(v))
-    return v
-
-
-def _truthy(v: Any) -> bool:
-    """``correct`` as written (bool) or read back from a CSV ("True"/"False")."""
-    return v is True or str(v).strip().lower() in ("true", "1", "1.0")
