@@ -29,7 +29,7 @@ from cab_eval.evaluate.ablation import method_means, paired  # noqa: E402
 from cab_eval.evaluate.recall import TEXT_FIELDS  # noqa: E402
 from cab_eval.evaluate.report import RowsFile  # noqa: E402
 from cab_eval.evaluate.ruler import paired_accuracy  # noqa: E402
-from cab_eval.evaluate.ruler_run import read_trials  # noqa: E402
+from cab_eval.evaluate.ruler_trials import read_trials  # noqa: E402
 
 REFERENCE = "antidiagonal"
 ORACLE = "oracle"

@@ -8,7 +8,8 @@ for the suite's public names, which live in modules of one job each:
 * :mod:`ruler_token_ids`: the token-id file (:func:`save_prompts`, :func:`load_prompts`) and the
   tokenizer check sentence.
 
-No model, no matplotlib here: the runner is :mod:`ruler_run`, its reports :mod:`ruler_report`.
+No model, no matplotlib here: the runner is :mod:`ruler_run`, its trials file :mod:`ruler_trials`, its
+reports :mod:`ruler_report`.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def paired_accuracy(trials: Iterable[dict[str, Any]], reference: str = "antidiag
     pooled over the last ``by`` field (``"all"``): mean paired difference and its 95% percentile bootstrap
     interval with the prompt as the cluster (4000 resamples, seed 0; the pre-registered statistic).
 
-    ``trials`` are typed as a run writes them or ``ruler_run.read_trials`` reads them back (float
+    ``trials`` are typed as a run writes them or ``ruler_trials.read_trials`` reads them back (float
     ``sparsity``, bool ``correct``), as for :func:`aggregate`. Only prompts both selectors ran count (a run
     cut by its time limit pairs what it finished); ``a_only`` and ``ref_only`` count the prompts one got
     right and the other not. Dense (sparsity 0) is not paired.
