@@ -24,7 +24,9 @@ head ``h``, ``x`` the head's query (or ``gate_input``, e.g. the query before rot
 Execution: ``flex`` runs the selected and window branches as FlexAttention ``BlockMask`` calls
 (CUDA, forward and backward); ``reference`` runs them as exact dense-mask attention (any device and
 dtype, the ground truth; FlexAttention does not run float64). ``auto`` picks flex for CUDA tensors that
-are not float64. The compressed branch is small (``N x N/d``) and is dense-mask SDPA on both paths.
+are not float64. FlexAttention's block is the selection block unless ``flex_block_size`` asks for a
+coarser one (Inductor's default backward tiles need 128-token blocks on Hopper; finer blocks train
+through its slower-to-compile tile search). The compressed branch is small (``N x N/d``) and is dense-mask SDPA on both paths.
 
 Training and prefill only: q, k, v have the same length (no KV cache, no chunked prefill).
 
@@ -196,26 +198,71 @@ def window_blocks(grid: BlockGrid, window: int, device: Any = "cpu") -> tuple[to
     return touched, full
 
 
-def _flex_branch(q, k, v, kept, full, limit, bs, scale):
-    """FlexAttention over ``kept`` ``[B|1, Hq|1, Mq, Mk]`` blocks, ``full`` ones skipping the mask_mod."""
+def _selected_mod(table: torch.Tensor, block_size: int):
+    """Token mask ``kv <= q`` and block ``(q // block_size, kv // block_size)`` of ``table``
+    ``[B|1, H|1, Mq, Mk]`` kept: the selected branch at the selection's granularity when FlexAttention's
+    blocks are coarser (a size-1 batch or head dimension of ``table`` is shared)."""
+    per_batch, per_head = table.shape[0] > 1, table.shape[1] > 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kept = table[b if per_batch else 0, h if per_head else 0, q_idx // block_size, kv_idx // block_size]
+        return (kv_idx <= q_idx) & kept
+
+    return mask_mod
+
+
+def coarsen_blocks(kept: torch.Tensor, full: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block masks at ``factor`` times the block size: ``[..., Mq, Mk]`` -> ``[..., ceil(Mq/f), ceil(Mk/f)]``.
+
+    A coarse block is kept when any of its ``factor x factor`` blocks is, and full (no mask_mod needed)
+    only when every one of them is kept and full; blocks past the edge count as neither."""
+    mq, mk = kept.shape[-2:]
+    cq, ck = -(-mq // factor), -(-mk // factor)
+    pad = (0, ck * factor - mk, 0, cq * factor - mq)
+    kept_f, full_f = (F.pad(t, pad).unflatten(-1, (ck, factor)).unflatten(-3, (cq, factor)) for t in (kept, kept & full))
+    return kept_f.any(-1).any(-2), full_f.all(-1).all(-2)
+
+
+def _flex_branch(q, k, v, kept, full, limit, bs, scale, flex_block=None):
+    """FlexAttention over ``kept`` ``[B|1, Hq|1, Mq, Mk]`` blocks, ``full`` ones skipping the mask_mod.
+
+    ``limit`` is the window (a 0-d tensor) or ``None`` for the selected branch. ``flex_block``
+    (default ``bs``, a multiple of it): FlexAttention's block; a coarser block than the selection's holds
+    several selection blocks, and its mask_mod reads which of them are kept (``kept`` itself)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    flex_block = bs if flex_block is None else flex_block
     n = q.shape[2]
+    if flex_block == bs:
+        if limit is None:
+            limit = torch.tensor(kept.shape[-1] * bs + 1, device=q.device)
+        mask_mod = _causal_window_mod(limit)
+    else:
+        factor = flex_block // bs
+        if limit is None:  # the table is read at rows and columns up to the coarse grid's edge
+            mask_mod = _selected_mod(F.pad(kept, (0, -kept.shape[-1] % factor, 0, -kept.shape[-2] % factor)), bs)
+        else:  # the window is a token rule: exact at any block size
+            mask_mod = _causal_window_mod(limit)
+        kept, full = coarsen_blocks(kept, full, factor)
     mk = kept.shape[-1]
-    pad = mk * bs - n
+    pad = mk * flex_block - n
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     part_num, part_idx = kv_layout(kept & ~full)
     full_num, full_idx = kv_layout(kept & full)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     block_mask = BlockMask.from_kv_blocks(
-        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=_causal_window_mod(limit),
-        seq_lengths=(mk * bs, mk * bs), compute_q_blocks=needs_grad,
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=flex_block, mask_mod=mask_mod,
+        seq_lengths=(mk * flex_block, mk * flex_block), compute_q_blocks=needs_grad,
     )
-    # Training needs the backward-capable compile (its tile search takes 64-token blocks at head_dim 128).
-    out = compiled_flex_attention(for_backward=needs_grad)(
+    # Training at blocks under 128 tokens needs the backward-capable compile: Inductor's default backward
+    # tile (64 x 128 on Hopper at head_dim 64-128) cannot take them, its max-autotune list can (a tile
+    # search per new shape). Every default backward tile in Inductor's tables is at most 128 wide, so
+    # 128-token blocks keep the plain compile.
+    autotune = needs_grad and flex_block < 128
+    out = compiled_flex_attention(for_backward=autotune)(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=flex_kernel_options(bs, q.device.type, for_backward=needs_grad),
+        kernel_options=flex_kernel_options(flex_block, q.device.type, for_backward=needs_grad),
     )
     return out[:, :, :n]
 
@@ -240,6 +287,10 @@ class NSAAttention(nn.Module):
         selection_options: options for a library selector (see :func:`cab_attention.select_blocks`),
             except ``share_kv``, ``threshold``, ``return_diagnostics`` and ``impl``, which the module sets.
         backend: ``"auto"``, ``"reference"`` or ``"flex"`` (:data:`NSA_BACKENDS`).
+        flex_block_size: FlexAttention's block for the selected and window branches (``flex`` backend):
+            ``block_size`` (default) or a multiple of it. A coarser block holds several selection blocks
+            and its mask_mod reads which are kept: the same attention, more masked tiles; at 128 tokens
+            training compiles without Inductor's tile search (see :func:`_flex_branch`).
         scale: attention scale (default ``D**-0.5``).
     """
 
@@ -258,6 +309,7 @@ class NSAAttention(nn.Module):
         selection: str = "nsa",
         selection_options: dict[str, Any] | None = None,
         backend: str = "auto",
+        flex_block_size: int | None = None,
         scale: float | None = None,
     ):
         super().__init__()
@@ -295,6 +347,10 @@ class NSAAttention(nn.Module):
         if backend not in NSA_BACKENDS:
             raise ValueError(f"backend must be one of {NSA_BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.flex_block_size = block_size if flex_block_size is None else _positive_int("flex_block_size", flex_block_size)
+        factor, rest = divmod(self.flex_block_size, block_size)
+        if rest or factor & (factor - 1):  # FlexAttention blocks are powers of two, like the selection's
+            raise ValueError(f"flex_block_size must be block_size={block_size} times a power of two, got {flex_block_size}")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise ValueError(f"scale must be None or a positive number, got {scale!r}")
         self.scale = float(scale) if scale is not None else head_dim**-0.5
@@ -309,6 +365,7 @@ class NSAAttention(nn.Module):
             f"heads={self.q_heads}/{self.kv_heads}, D={self.head_dim}, block_size={self.block_size}, "
             f"num_selected={self.num_selected}, window={self.window}, compress=({self.compress_block}, "
             f"{self.compress_stride}), selection={self.selection!r}, backend={self.backend!r}"
+            + (f", flex_block_size={self.flex_block_size}" if self.flex_block_size != self.block_size else "")
         )
 
     def _check(self, q, k, v, gate_input):
@@ -392,10 +449,10 @@ class NSAAttention(nn.Module):
             touched, full_win = window_blocks(grid, self.window, q.device)
             i = torch.arange(grid.num_q_blocks, device=q.device)[:, None]
             below = torch.arange(grid.num_kv_blocks, device=q.device)[None, :] < i
-            no_limit = torch.tensor(grid.num_kv_blocks * bs + 1, device=q.device)
-            o_slc = _flex_branch(q, k, v, kept_q, below, no_limit, bs, self.scale)
+            fb = self.flex_block_size
+            o_slc = _flex_branch(q, k, v, kept_q, below, None, bs, self.scale, fb)
             limit = torch.tensor(self.window, device=q.device)
-            o_win = _flex_branch(q, k, v, touched[None, None], full_win[None, None], limit, bs, self.scale)
+            o_win = _flex_branch(q, k, v, touched[None, None], full_win[None, None], limit, bs, self.scale, fb)
         else:
             pos = torch.arange(n, device=q.device)
             causal = pos[None, :] <= pos[:, None]

@@ -102,7 +102,7 @@ def build_model(args: argparse.Namespace, variant: str, seed: int, device: torch
         opts = {"stride": min(8, args.block_size)} if selection == "antidiagonal" else None
         replace_attention(
             model, block_size=args.block_size, num_selected=args.num_selected, window=args.window,
-            selection=selection, selection_options=opts, backend="auto",
+            selection=selection, selection_options=opts, backend="auto", flex_block_size=args.flex_block_size,
         )
     return model.to(device)
 
@@ -117,6 +117,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--seeds must name at least one seed")
     for v in args.variants:
         variant_selection(v)
+    from cab_attention.nsa import NSAAttention
+
+    with torch.device("meta"):  # the module's own checks of the NSA options, before any data is read
+        NSAAttention(args.hidden // args.heads, args.heads, args.kv_heads, block_size=args.block_size,
+                     num_selected=args.num_selected, window=args.window, flex_block_size=args.flex_block_size)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-selected", type=int, default=4, help="n: kept blocks per query block (sink and diagonal included)")
     p.add_argument("--window", type=int, default=32)
+    p.add_argument("--flex-block-size", type=int, default=None,
+                   help="FlexAttention block on CUDA: the NSA block (default) or a multiple; 128 trains without "
+                        "Inductor's tile search (same attention, more masked tiles)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-windows", type=int, default=16)
@@ -266,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: Llama, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}; {args.steps} steps of "
         f"batch {args.batch}, AdamW lr {args.lr}, seeds {args.seeds}.\n"
         f"NSA: block {args.block_size}, n = {args.num_selected} selected blocks per query block "
-        f"(selection-branch density {density:.3f} of causal blocks), window {args.window}, compression l = d = {args.block_size}.\n"
+        f"(selection-branch density {density:.3f} of causal blocks), window {args.window}, compression l = d = {args.block_size}"
+        + (f", FlexAttention block {args.flex_block_size}" if args.flex_block_size not in (None, args.block_size) else "")
+        + ".\n"
         f"Wall time {elapsed:.0f} s. Intervals: Student-t 95% over seeds; diff_vs_nsa is paired by seed (negative = lower loss than NSA-topk).\n"
         + (f"Skipped by --time-budget: {skipped}.\n" if skipped else "")
         + "\n" + markdown_table(summary, floatfmt=".4f")

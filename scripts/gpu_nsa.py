@@ -6,10 +6,12 @@ and a short training comparison of the selection branches. Target: under 5 minut
 
 1. Correctness (bf16, CUDA): the NSA module's flex path against its float64 reference path on the same
    blocks, outputs and gradients (q, k, v, every parameter); the error must be at most 2x that of the
-   bf16 reference path (flash-attention's rule). Rows in correctness.csv.
+   bf16 reference path (flash-attention's rule); selections nsa and cab, and nsa at FlexAttention blocks
+   twice the NSA block (``flex_block_size``). Rows in correctness.csv.
 2. Speed: forward and forward+backward at 8k/16k/32k/64k tokens, B=1, 32/8 heads, D=128, bf16; dense
    causal SDPA through cuDNN and flash (GQA, or K/V repeated where the backend refuses GQA, noted) and
-   NSA (block 64, n = 16, window 512, l = d = 64) with selection nsa / cab / antidiagonal. Median of CUDA
+   NSA (block 64, n = 16, window 512, l = d = 64) with selection nsa / cab / antidiagonal, FlexAttention
+   blocks of 128 (Inductor's default tiles) and 64 (its backward tile search). Median of CUDA
    event timings after warm-up (the first call compiles FlexAttention), two input sets alternated; the
    forward alone is timed with autograd on (training's forward). The measurement is ``cab bench nsa``'s
    (cab_eval/benchmark/nsa.py: ``gpu_config``, ``speed``). Rows in speed.csv, speed.png.
@@ -60,7 +62,10 @@ def correctness(cfg, dev, log) -> list[dict]:
     """Flex bf16 and reference bf16 against reference float64, same blocks."""
     rows = []
     b, hq, hkv, n, d = 1, cfg["c_hq"], cfg["c_hkv"], cfg["c_n"], cfg["c_d"]
-    for selection in ("nsa", "cab"):
+    # NSA's own and cab's selection at FlexAttention blocks equal to the NSA block, and NSA's own at blocks
+    # twice as large (the mask_mod reads the selection inside each FlexAttention block).
+    for selection, flex_block in (("nsa", None), ("cab", None), ("nsa", 2 * cfg["c_bs"])):
+        label = selection if flex_block is None else f"{selection}@flex{flex_block}"
         torch.manual_seed(0)
         kw = dict(block_size=cfg["c_bs"], num_selected=4, window=cfg["c_bs"] * 2, selection=selection)
         base = NSAAttention(d, hq, hkv, backend="reference", **kw).to(dev)
@@ -72,7 +77,7 @@ def correctness(cfg, dev, log) -> list[dict]:
         outs = {}
         for name, dtype, backend in (("ref64", torch.float64, "reference"), ("ref16", torch.bfloat16, "reference"),
                                      ("fast16", torch.bfloat16, cfg["fast_backend"])):
-            m = NSAAttention(d, hq, hkv, backend=backend, **kw).to(dev)
+            m = NSAAttention(d, hq, hkv, backend=backend, flex_block_size=flex_block if name == "fast16" else None, **kw).to(dev)
             m.load_state_dict(base.state_dict())
             m.to(dtype)
             m.select = lambda *a, **k_: kept  # the same blocks for every precision
@@ -85,10 +90,10 @@ def correctness(cfg, dev, log) -> list[dict]:
             e_ref = rel_err(outs["ref16"][key], outs["ref64"][key])
             e_fast = rel_err(outs["fast16"][key], outs["ref64"][key])
             ok = e_fast <= 2 * e_ref + 1e-6 and torch.isfinite(outs["fast16"][key]).all().item()
-            rows.append({"selection": selection, "tensor": key, "err_fast_bf16": e_fast, "err_ref_bf16": e_ref,
+            rows.append({"selection": label, "tensor": key, "err_fast_bf16": e_fast, "err_ref_bf16": e_ref,
                          "ratio": e_fast / max(e_ref, 1e-12), "pass": ok})
-        bad = [r["tensor"] for r in rows if r["selection"] == selection and not r["pass"]]
-        log(f"correctness {selection}: {len(outs['ref64'])} tensors, fail: {bad or 'none'}; "
+        bad = [r["tensor"] for r in rows if r["selection"] == label and not r["pass"]]
+        log(f"correctness {label}: {len(outs['ref64'])} tensors, fail: {bad or 'none'}; "
             f"out err fast {rows[-len(outs['ref64'])]['err_fast_bf16']:.2e} vs ref {rows[-len(outs['ref64'])]['err_ref_bf16']:.2e}")
     return rows
 

@@ -218,6 +218,11 @@ def test_nsa_csv_section_shows_measured_and_skipped_rows(tmp_path):
     assert "4 query heads over 2 KV heads, head_dim 64, bfloat16" in page and "window 128" in page
     assert "| `nsa` | 3.000 | 5.000 | 2.50x | 0.75 | ok |" in page
     assert "| `nsa-cab` | - | - | - | - | skipped (time budget) |" in page
+    assert "@flex" not in page  # the coarse-block sentence only where such rows are
+    rows = nsa_report.read_nsa_csv(nsa_csv)
+    coarse = [{**r, "method": r["method"] + "@flex128"} for r in rows if r["method"].startswith("nsa")]
+    section = nsa_report.nsa_section(rows + coarse, nsa_csv, str)
+    assert "`<method>@flex<size>` is the same module" in section and "| `nsa@flex128` | 3.000 | 5.000 | 2.50x |" in section
     bad = tmp_path / "bad.csv"
     bad.write_text("date,device,N,method\n2026-01-01,GPU X,8192,nsa\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*missing columns: torch, dtype, heads"):

@@ -40,10 +40,10 @@ def test_dry_run_writes_a_row_for_every_method_and_size(tmp_path):
 def test_a_failing_method_is_an_error_row_and_the_others_go_on(tmp_path, monkeypatch):
     real = bench.nsa_module
 
-    def failing(selection, cfg, dev):
+    def failing(selection, cfg, dev, flex_block=None):
         if selection == "cab" and dev.type != "meta":  # the config check builds modules on meta: let it pass
             raise RuntimeError("no kernel for this shape\nsecond line")
-        return real(selection, cfg, dev)
+        return real(selection, cfg, dev, flex_block)
 
     monkeypatch.setattr(bench, "nsa_module", failing)
     monkeypatch.setattr(bench, "time_case", lambda *a, **k: (1.0, 3.0))  # the harness, not the timing
@@ -56,6 +56,37 @@ def test_a_failing_method_is_an_error_row_and_the_others_go_on(tmp_path, monkeyp
             assert r["status"] == "error: RuntimeError: no kernel for this shape" and r["fwd_bwd_ms"] == ""
         else:
             assert r["status"] == "ok" and float(r["fwd_bwd_ms"]) == 3.0
+
+
+def test_flex_blocks_are_rows_of_their_own_in_order(tmp_path, monkeypatch):
+    """Each selection at each FlexAttention block, in the order given; the NSA block keeps the plain label."""
+    built = []
+    real = bench.nsa_module
+
+    def recording(selection, cfg, dev, flex_block=None):
+        m = real(selection, cfg, dev, flex_block)
+        if dev.type != "meta":
+            built.append((selection, m.flex_block_size))
+        return m
+
+    monkeypatch.setattr(bench, "nsa_module", recording)
+    monkeypatch.setattr(bench, "time_case", lambda *a, **k: (1.0, 3.0))
+    out = tmp_path / "b.csv"
+    argv = FAST[:2] + ["128", "--selections", "nsa,cab", "--flex-blocks", "64,32", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert [r["method"] for r in read(out)] == ["dense-math", "nsa@flex64", "nsa-cab@flex64", "nsa", "nsa-cab"]
+    assert built == [("nsa", 64), ("cab", 64), ("nsa", 32), ("cab", 32)]
+    assert bench.method_name("nsa", "cab", 128, 64) == "nsa-cab@flex128" and bench.method_name("nsa", "nsa", 64, 64) == "nsa"
+
+
+def test_profile_writes_a_table_per_nsa_case(tmp_path):
+    out = tmp_path / "b.csv"
+    assert bench.main(FAST[:2] + ["128", "--reps", "1", "--warmup", "0", "--selections", "nsa", "--profile",
+                                  "--out", str(out)]) == 0
+    prof = tmp_path / "b-profile" / "nsa-128.txt"
+    text = prof.read_text()
+    assert "# by host time" in text and "aten::" in text
+    assert sorted(p.name for p in prof.parent.iterdir()) == ["nsa-128.txt"]  # none for the dense row
 
 
 def test_an_interrupted_run_keeps_its_finished_rows(tmp_path, monkeypatch):
@@ -92,6 +123,9 @@ def test_past_the_time_budget_every_length_is_recorded_as_skipped():
     (["--heads", "6", "--kv-heads", "4"], "kv_heads"),
     (["--block-size", "48"], "block_size"),
     (["--num-selected", "1"], "num_selected"),
+    (["--flex-blocks", "48"], "flex_block_size"),
+    (["--flex-blocks", "64,64"], "flex_blocks"),
+    (["--flex-blocks", "x"], "--flex-blocks"),
 ])
 def test_bad_arguments_are_refused_naming_the_argument(argv, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -120,3 +154,10 @@ def test_bench_help_names_nsa(capsys):
     assert cli.main(["bench", "--help"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:2] == ["bench", "nsa"])
     assert "NSA" in line and "SDPA" in line
+
+
+def test_gpu_preset_measures_128_token_flex_blocks_first_and_follows_the_block_size():
+    parse = bench.build_parser().parse_args
+    assert bench.config_from_args(parse([])).nsa_layouts() == (128, 64)
+    assert bench.config_from_args(parse(["--block-size", "128"])).nsa_layouts() == (128,)
+    assert bench.config_from_args(parse(["--block-size", "32", "--flex-blocks", "32"])).nsa_layouts() == (32,)

@@ -165,6 +165,10 @@ def test_compressed_to_blocks_shares_sum_to_one():
         (dict(selection="antidiagonal", selection_options={"stride": "x"}), "stride"),
         (dict(selection="antidiagonal", selection_options={"stride": 3}), "must divide block_size"),
         (dict(backend="triton"), "backend"),
+        (dict(flex_block_size=0), "flex_block_size must be an int"),
+        (dict(flex_block_size=4), "block_size=8 times a power of two"),
+        (dict(flex_block_size=24), "block_size=8 times a power of two"),
+        (dict(flex_block_size=12), "block_size=8 times a power of two"),
         (dict(scale=-1.0), "scale"),
     ],
 )

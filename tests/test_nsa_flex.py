@@ -54,14 +54,54 @@ def test_training_uses_the_backward_capable_compile(monkeypatch):
     with torch.no_grad():
         nsa_mod._flex_branch(q, q, q, kept, kept, torch.tensor(64), 16, 1.0)
     assert seen == [True, {"bwd": True}, False, {"bwd": False}]
+    # 128-token FlexAttention blocks take Inductor's default backward tile: no tile search.
+    seen.clear()
+    q = torch.randn(1, 1, 256, 8, requires_grad=True)
+    nsa_mod._flex_branch(q, q, q, kept, kept, None, 128, 1.0)
+    nsa_mod._flex_branch(q, q, q, kept, kept, None, 64, 1.0, 128)
+    nsa_mod._flex_branch(q, q, q, kept, kept, None, 32, 1.0, 64)
+    assert seen == [False, {"bwd": True}, False, {"bwd": True}, True, {"bwd": True}]
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("table_shape", [(2, 3), (1, 3), (1, 1)])
+def test_coarse_blocks_give_the_same_token_mask(factor, table_shape):
+    """No compile: coarse kept/full blocks plus the selected branch's mask_mod equal, token by token, the
+    selection-block mask (kept blocks at or before the diagonal, causal inside it), edges included."""
+    from cab_attention.nsa import _selected_mod, coarsen_blocks
+
+    bs, mq = 4, 2 * factor + 1  # the coarse grid's last block is partly past the edge
+    torch.manual_seed(factor)
+    valid = torch.ones(mq, mq, dtype=torch.bool).tril()
+    kept = (torch.rand(*table_shape, mq, mq) < 0.5) & valid
+    kept |= torch.eye(mq, dtype=torch.bool)  # diagonal kept, as every selection does
+    kept[..., factor:2 * factor, :factor] = True  # one whole coarse block below the diagonal
+    below = torch.ones(mq, mq, dtype=torch.bool).tril(-1)
+    coarse_kept, coarse_full = coarsen_blocks(kept, below, factor)
+    assert coarse_kept.shape[-2:] == (-(-mq // factor),) * 2
+    pad = -mq % factor
+    mod = _selected_mod(torch.nn.functional.pad(kept, (0, pad, 0, pad)), bs)
+    fb, n = bs * factor, coarse_kept.shape[-1] * bs * factor
+    t = torch.arange(n)
+    b = torch.arange(table_shape[0])[:, None, None, None]
+    h = torch.arange(table_shape[1])[None, :, None, None]
+    qi, ki = t[:, None], t[None, :]
+    coarse_tok = coarse_full[..., qi // fb, ki // fb] | (coarse_kept[..., qi // fb, ki // fb] & mod(b, h, qi, ki))
+    fine = torch.nn.functional.pad(kept, (0, pad, 0, pad))
+    fine_tok = fine[..., qi // bs, ki // bs] & (ki <= qi)
+    assert torch.equal(coarse_tok, fine_tok)
+    assert coarse_full.any() and (coarse_kept & ~coarse_full).any()  # both kinds of coarse block occur
+
+
+@pytest.mark.parametrize("flex_block", [None, 64])
 @pytest.mark.parametrize("selection", ["nsa", "cab"])
-def test_flex_forward_matches_reference(selection):
+def test_flex_forward_matches_reference(selection, flex_block):
+    """At the selection's block and at 4x coarser FlexAttention blocks (mask_mod reading the selection)."""
     b, hq, hkv, n, d = 2, 4, 2, 100, 16
     torch.manual_seed(0)
     ref = NSAAttention(d, hq, hkv, block_size=16, num_selected=3, window=20, selection=selection, backend="reference")
-    flex = NSAAttention(d, hq, hkv, block_size=16, num_selected=3, window=20, selection=selection, backend="flex")
+    flex = NSAAttention(d, hq, hkv, block_size=16, num_selected=3, window=20, selection=selection, backend="flex",
+                        flex_block_size=flex_block)
     flex.load_state_dict(ref.state_dict())
     q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=11)
     with torch.no_grad():

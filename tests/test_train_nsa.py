@@ -48,6 +48,8 @@ def test_t_interval_and_variants():
     (["--hidden", "10", "--heads", "4"], "--hidden"),
     (["--variants", "dense,bogus"], "variant"),
     (["--corpus", "/nonexistent/x.txt"], "--corpus"),
+    (["--flex-block-size", "24"], "flex_block_size"),
+    (["--num-selected", "1"], "num_selected"),
 ])
 def test_bad_arguments(argv, match, tmp_path):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,9 @@ What is measured, per sequence length ``N`` (B = 1, ``--heads``/``--kv-heads`` q
 * ``nsa`` / ``nsa-<selection>``: :class:`cab_attention.nsa.NSAAttention` (compressed, selected and
   sliding-window branches; ``--block-size``, ``--num-selected``, ``--window``, compression
   ``l = d = block_size``) with NSA's own block choice (``nsa``) or a library selector (``cab``,
-  ``antidiagonal``, ...), FlexAttention on CUDA (the first call compiles).
+  ``antidiagonal``, ...), FlexAttention on CUDA (the first call compiles). ``--flex-blocks`` adds the
+  same module with coarser FlexAttention blocks (``flex_block_size``): rows ``nsa@flex128``,
+  ``nsa-cab@flex128``, ... (the plain labels are FlexAttention blocks equal to the NSA block).
 
 Each case is timed twice per repetition: the forward alone, with autograd on (as in training; its graph
 is dropped: a no-grad forward would compile a second FlexAttention graph per length), and the forward
@@ -24,11 +26,14 @@ The CSV (``--out``, default ``runs/bench-nsa/<device>-<date>.csv``) is written r
 interrupted run keeps its finished rows; the plot (``.png``) and a markdown summary (``.md``, also
 printed) go beside it. ``--dry-run`` runs a tiny configuration on the CPU with host timers (the exact
 dense-mask NSA path, SDPA's math backend, float32): for testing the harness only, never a result.
-``scripts/gpu_nsa.py`` runs the same measurement (:func:`speed`) inside its GPU check.
+``scripts/gpu_nsa.py`` runs the same measurement (:func:`speed`) inside its GPU check. ``--profile``
+writes, after each NSA case, a ``torch.profiler`` table of one more forward+backward (by device time
+and by host time) to ``<out>-profile/<method>-<N>.txt``: where the time goes, not a timing.
 
 Usage: ``cab bench nsa [--n 8k,16k,32k,64k] [--heads 32] [--kv-heads 8] [--head-dim 128]
 [--block-size 64] [--num-selected 16] [--window 512] [--selections nsa,cab,antidiagonal]
-[--dense cudnn,flash] [--warmup 3] [--reps 10] [--dtype bf16] [--time-budget S] [--out FILE.csv] [--dry-run]``.
+[--flex-blocks 64,128] [--dense cudnn,flash] [--warmup 3] [--reps 10] [--dtype bf16] [--time-budget S]
+[--out FILE.csv] [--profile] [--dry-run]``.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class SpeedConfig:
     """One speed sweep: lengths, the attention shape, the methods and the timing repetitions.
 
     ``dense_backends`` are ``SDPBackend`` member names (``"CUDNN_ATTENTION"``); ``backend`` is the NSA
-    module's (``"flex"`` on CUDA, ``"reference"`` for the CPU dry run). Invalid values raise
+    module's (``"flex"`` on CUDA, ``"reference"`` for the CPU dry run); ``flex_blocks`` the FlexAttention
+    block sizes to measure each selection at, in order (``block_size`` or multiples). Invalid values raise
     ``ValueError`` naming the field (the NSA module's own checks run on the meta device)."""
 
     lengths: tuple[int, ...]
@@ -84,6 +90,7 @@ class SpeedConfig:
     backend: str
     warmup: int
     reps: int
+    flex_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         from torch.nn.attention import SDPBackend
@@ -106,17 +113,25 @@ class SpeedConfig:
             raise ValueError(f"selections must be among {NSA_SELECTIONS}, got {bad}")
         if not self.selections and not self.dense_backends:
             raise ValueError("selections and dense_backends are both empty: nothing to measure")
+        if len(set(self.flex_blocks)) != len(self.flex_blocks):
+            raise ValueError(f"flex_blocks must not repeat a size, got {self.flex_blocks!r}")
         with torch.device("meta"):  # the module's own checks (block size, budget, window, options, backend)
             for s in self.selections:
-                nsa_module(s, self, torch.device("meta"))
+                for fb in self.flex_blocks or (None,):
+                    nsa_module(s, self, torch.device("meta"), fb)
+
+    def nsa_layouts(self) -> tuple[int, ...]:
+        """The FlexAttention block sizes to measure, in order (the NSA block when none is given)."""
+        return self.flex_blocks or (self.block_size,)
 
 
 def gpu_config() -> SpeedConfig:
-    """The GPU measurement: 8k-64k tokens, Llama-3-8B's attention shape, bf16, NSA's paper settings."""
+    """The GPU measurement: 8k-64k tokens, Llama-3-8B's attention shape, bf16, NSA's paper settings;
+    FlexAttention at 128-token blocks first (a plain compile), then at the NSA block (a tile search)."""
     return SpeedConfig(lengths=(8192, 16384, 32768, 65536), heads=32, kv_heads=8, head_dim=128, block_size=64,
                        num_selected=16, window=512, selections=("nsa", "cab", "antidiagonal"),
                        dense_backends=("CUDNN_ATTENTION", "FLASH_ATTENTION"), dtype=torch.bfloat16, backend="flex",
-                       warmup=3, reps=10)
+                       warmup=3, reps=10, flex_blocks=(128, 64))
 
 
 def dry_run_config() -> SpeedConfig:
@@ -126,11 +141,13 @@ def dry_run_config() -> SpeedConfig:
                        backend="reference", warmup=1, reps=2)
 
 
-def method_name(kind: str, name: str) -> str:
-    """Row label: ``dense-<sdpbackend, lower case>``, ``nsa`` or ``nsa-<selection>``."""
+def method_name(kind: str, name: str, flex_block: int | None = None, block_size: int | None = None) -> str:
+    """Row label: ``dense-<sdpbackend, lower case>``, ``nsa`` or ``nsa-<selection>``, with ``@flex<size>``
+    when FlexAttention's block (``flex_block``) is not the NSA block (``block_size``)."""
     if kind == "dense":
         return f"dense-{name.lower()}"
-    return "nsa" if name == "nsa" else f"nsa-{name}"
+    label = "nsa" if name == "nsa" else f"nsa-{name}"
+    return label if flex_block is None or flex_block == block_size else f"{label}@flex{flex_block}"
 
 
 def event_timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
@@ -201,11 +218,12 @@ def dense_fn(backend_name: str) -> tuple[Callable[..., torch.Tensor], dict[str, 
     return fn, state
 
 
-def nsa_module(selection: str, cfg: SpeedConfig, dev: torch.device) -> NSAAttention:
-    """The NSA attention of one selection at ``cfg``'s shape, on ``dev`` in ``cfg.dtype``."""
+def nsa_module(selection: str, cfg: SpeedConfig, dev: torch.device, flex_block: int | None = None) -> NSAAttention:
+    """The NSA attention of one selection at ``cfg``'s shape (FlexAttention block ``flex_block``, default
+    the NSA block), on ``dev`` in ``cfg.dtype``."""
     m = NSAAttention(cfg.head_dim, cfg.heads, cfg.kv_heads, block_size=cfg.block_size, num_selected=cfg.num_selected,
                      window=cfg.window, selection=selection, selection_options=SELECTION_OPTIONS.get(selection),
-                     backend=cfg.backend)
+                     backend=cfg.backend, flex_block_size=flex_block)
     return m.to(dev, cfg.dtype)
 
 
@@ -222,13 +240,36 @@ def make_inputs(cfg: SpeedConfig, n: int, dev: torch.device) -> Inputs:
     return sets
 
 
+def profile_case(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], dev: torch.device, path: Path) -> None:
+    """One forward+backward of ``fn`` under ``torch.profiler``; writes its op table by device time (CUDA)
+    and by host time to ``path``: where the time goes (profiling slows the call: not a timing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, dout = inputs
+    for t in (q, k, v):
+        t.grad = None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn(q, k, v).backward(dout)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    parts = []
+    if dev.type == "cuda":
+        parts.append("# by self device time\n" + table.table(sort_by="self_device_time_total", row_limit=30))
+    parts.append("# by host time (with children)\n" + table.table(sort_by="cpu_time_total", row_limit=30))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts) + "\n")
+
+
 def speed(cfg: SpeedConfig, dev: torch.device, log: Callable[[str], Any], deadline: float,
-          on_row: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+          on_row: Callable[[dict[str, Any]], Any] | None = None, profile_dir: Path | None = None) -> list[dict[str, Any]]:
     """Time every method at every length of ``cfg``; one row per (length, method).
 
     Rows: ``N, method, fwd_ms, fwd_bwd_ms, peak_gib, wall_s, status`` (``status`` is ``ok``, ``ok (K/V
     repeated: ...)``, ``error: <type>: <message>`` with NaN times, or ``skipped (time budget)`` without
-    times once ``time.time() > deadline``). ``on_row(row)`` is called after each row (the CLI writes it)."""
+    times once ``time.time() > deadline``). ``on_row(row)`` is called after each row (the CLI writes it).
+    ``profile_dir``: after each measured NSA case, :func:`profile_case` writes ``<method>-<N>.txt`` there."""
     rows: list[dict[str, Any]] = []
 
     def add(row: dict[str, Any]) -> None:
@@ -237,7 +278,7 @@ def speed(cfg: SpeedConfig, dev: torch.device, log: Callable[[str], Any], deadli
             on_row(row)
 
     methods = [(method_name("dense", b), "dense", b) for b in cfg.dense_backends]
-    methods += [(method_name("nsa", s), "nsa", s) for s in cfg.selections]
+    methods += [(method_name("nsa", s, fb, cfg.block_size), "nsa", (s, fb)) for fb in cfg.nsa_layouts() for s in cfg.selections]
     for n in cfg.lengths:
         if time.time() > deadline:
             log(f"speed N={n}: skipped (time budget)")
@@ -256,18 +297,24 @@ def speed(cfg: SpeedConfig, dev: torch.device, log: Callable[[str], Any], deadli
                 if kind == "dense":
                     fn, state = dense_fn(name)
                 else:
-                    fn = nsa_module(name, cfg, dev)
+                    fn = nsa_module(name[0], cfg, dev, name[1])
                 f_ms, fb_ms = time_case(fn, sets, dev, cfg.warmup, cfg.reps)
                 status = "ok" if state is None or state["gqa"] else "ok (K/V repeated: backend refused GQA)"
             except Exception as e:  # record and continue: one failing backend must not hide the others
                 f_ms = fb_ms = float("nan")
                 status = f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+            wall = time.time() - t0
+            if profile_dir is not None and kind == "nsa" and status == "ok":
+                try:  # a profile is a diagnosis: its failure is logged, the timing row stands
+                    profile_case(fn, sets[0], dev, profile_dir / f"{method}-{n}.txt")
+                except Exception as e:  # noqa: BLE001
+                    log(f"profile N={n} {method} failed: {type(e).__name__}: {e}")
             fn = None
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
             add({"N": n, "method": method, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "peak_gib": mem,
-                 "wall_s": time.time() - t0, "status": status})
+                 "wall_s": wall, "status": status})
             log(f"speed N={n} {method}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms, peak {mem:.1f} GiB, "
-                f"{time.time() - t0:.1f} s incl. warm-up; {status}")
+                f"{wall:.1f} s incl. warm-up; {status}")
         del sets
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -403,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_positive, default=None, help="sliding window in tokens (default 512)")
     p.add_argument("--selections", type=_selections, default=None,
                    help=f"comma list of NSA selections (default nsa,cab,antidiagonal; any of {', '.join(NSA_SELECTIONS)})")
+    p.add_argument("--flex-blocks", type=parse_sizes, default=None,
+                   help="FlexAttention block sizes to measure each selection at, in order: the NSA block or multiples "
+                        "(default 128,64; rows at a size other than the NSA block are labelled @flex<size>)")
     p.add_argument("--dense", type=_dense, default=None,
                    help=f"comma list of dense SDPA backends (default cudnn,flash; any of {', '.join(DENSE_BACKENDS)})")
     p.add_argument("--warmup", type=_non_negative, default=None, help="untimed repetitions first (default 3)")
@@ -411,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=_seconds, default=None,
                    help="seconds; what has not started when they are spent is skipped (and recorded as skipped)")
     p.add_argument("--out", type=Path, default=None, help=f"results CSV (default {DEFAULT_OUT_DIR}/<device>-<date>.csv)")
+    p.add_argument("--profile", action="store_true",
+                   help="after each NSA case, write a torch.profiler table of one forward+backward to <out>-profile/")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny config on the CPU with host timers (reference NSA path, SDPA math, fp32): tests the harness only")
     return p
@@ -426,7 +478,10 @@ def config_from_args(args: argparse.Namespace) -> SpeedConfig:
         "selections": None if args.selections is None else tuple(args.selections),
         "dense_backends": None if args.dense is None else tuple(DENSE_BACKENDS[d] for d in args.dense),
         "warmup": args.warmup, "reps": args.reps, "dtype": None if args.dtype is None else DTYPES[args.dtype],
+        "flex_blocks": None if args.flex_blocks is None else tuple(args.flex_blocks),
     }
+    if args.flex_blocks is None and args.block_size is not None:  # the preset's sizes were for its own block
+        given["flex_blocks"] = tuple(fb for fb in base.flex_blocks if fb >= args.block_size and fb % args.block_size == 0)
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -446,11 +501,13 @@ def run(args: argparse.Namespace, cfg: SpeedConfig) -> tuple[list[dict[str, Any]
     timer = "CUDA events" if cuda else "HOST TIMER on CPU (not a result)"
     print(f"cab bench nsa: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; timer: {timer}\n"
           f"  B=1 Hq={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim} {dtype}; N={list(cfg.lengths)}; NSA block "
-          f"{cfg.block_size}, n={cfg.num_selected}, window {cfg.window}, backend {cfg.backend}; selections "
+          f"{cfg.block_size}, n={cfg.num_selected}, window {cfg.window}, backend {cfg.backend}, FlexAttention blocks "
+          f"{list(cfg.nsa_layouts())}; selections "
           f"{list(cfg.selections)}; dense {list(cfg.dense_backends)}; warmup {cfg.warmup}, reps {cfg.reps}; "
           f"budget {'none' if args.time_budget is None else f'{args.time_budget:.0f} s'}; csv {path}", flush=True)
     deadline = time.time() + (args.time_budget if args.time_budget is not None else math.inf)
-    rows = speed(cfg, dev, lambda s: print(s, flush=True), deadline, on_row=RowWriter(path, common))
+    profile_dir = path.with_name(path.stem + "-profile") if args.profile else None
+    rows = speed(cfg, dev, lambda s: print(s, flush=True), deadline, on_row=RowWriter(path, common), profile_dir=profile_dir)
     try:
         plot_speed(rows, path.with_suffix(".png"), title=f"NSA vs dense SDPA, {dtype}, {env['device']}")
     except Exception as e:  # noqa: BLE001 - the plot is a convenience; the CSV is the result
