@@ -30,7 +30,8 @@ import torch
 from cab_attention import SELECTORS, hf, select_blocks
 from cab_attention.options import DEFAULT_SELECTOR, FORMAN_KEEP_LOWEST_MAXL2, resolve_options
 
-from .evaluate.passkey import run_passkey, summary_table
+from .evaluate.passkey import run_passkey
+from .evaluate.passkey_report import summary_table
 from .evaluate.recall_metrics import layer_metrics
 from .evaluate.report import environment, markdown_table, write_json, write_summary
 from .evaluate.text import format_selector_spec, parse_list, passkey_keys, passkey_prompt

@@ -83,8 +83,8 @@ def test_passkey_interrupted_then_resumed(tiny, tmp_path, monkeypatch):
     out = tmp_path / "pk"
     args = ["--lengths", "512", "--depths", "0.25,0.75", "--keys", "2", "--selectors", "dense,cab", "--sparsities",
             "0.5", "--batch", "1", "--max-new-tokens", "2", "--out", str(out), "--no-progress"]
-    generate = PK._generate
-    monkeypatch.setattr(PK, "_generate", fail_after(3, generate))
+    generate = PK.generate_answers
+    monkeypatch.setattr(PK, "generate_answers", fail_after(3, generate))
     with pytest.raises(Interrupt):
         PK.main(args)
     trials = RowsFile(out / "passkey_trials.csv", PK.TEXT_FIELDS).read()
@@ -93,7 +93,7 @@ def test_passkey_interrupted_then_resumed(tiny, tmp_path, monkeypatch):
     assert partial["complete"] is False and sum(r["total"] for r in partial["summary"]) == 3
 
     resumed = fail_after(100, generate)
-    monkeypatch.setattr(PK, "_generate", resumed)
+    monkeypatch.setattr(PK, "generate_answers", resumed)
     assert PK.main(args + ["--resume"]) == 0
     assert resumed.calls == 8 - 3  # 2 methods x 4 prompts, 3 done before
     payload = json.loads((out / "passkey.json").read_text())

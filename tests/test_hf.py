@@ -363,7 +363,7 @@ def test_smollm2_loads_from_cache_quickly(smollm2):
 def test_smollm2_sparsity0_logits_and_dense_passkey_at_1k(smollm2):
     """At sparsity 0 the logits equal default attention (fp32, 1e-4), and the dense model retrieves the
     pass key from a ~1k-token Landmark prompt."""
-    from cab_eval.evaluate.passkey import _generate
+    from cab_eval.evaluate.passkey_decode import generate_answers
     from cab_eval.evaluate.text import passkey_prompt
 
     model, tok = smollm2
@@ -377,7 +377,7 @@ def test_smollm2_sparsity0_logits_and_dense_passkey_at_1k(smollm2):
             got = logits(model, ids, logits_to_keep=64)
         assert len(rec.calls) == model.config.num_hidden_layers and rec.density == 1.0
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-        text = _generate(model, tok, ids, 8)[0]
+        text = generate_answers(model, tok, ids, 8)[0]
     finally:
         hf.disable(model)
     assert "27181" in text

@@ -1,5 +1,6 @@
-"""Cell values of the benchmark pages: a CSV string as a finite number, milliseconds and sequence lengths
-as the tables print them. One home for the page modules (summary, speed_report, nsa_report)."""
+"""Cell values and tables of the benchmark pages: a CSV string as a finite number, milliseconds, other
+numbers and sequence lengths as the tables print them, and the markdown table. One home for the page
+modules (summary, speed_report, nsa_report)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def fmt_ms(x: float | None) -> str:
 def nlabel(n: int) -> str:
     """A sequence length as ``8k`` when a multiple of 1024, else the number."""
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    """``x`` formatted by ``spec``; ``-`` for ``None`` (not measured)."""
+    return "-" if x is None else format(x, spec)
+
+
+def table(header, body) -> str:
+    """A markdown table: ``header`` the column names, ``body`` the rows (cells printed with ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
+    return "\n".join(lines) + "\n"

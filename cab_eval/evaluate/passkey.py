@@ -18,34 +18,37 @@ Writes ``passkey.json`` (``results``: one row per method x length x depth with `
 Wilson interval and density; ``summary``: per method; ``trials``: every prompt's outcome),
 ``passkey.csv``, ``summary.md`` and ``heatmap_<method>.png`` (accuracy, depth x length, one panel per
 sparsity).
+
+This module is the command (:func:`run_passkey`, :func:`main`); the jobs live beside it and are
+re-exported here:
+
+* :mod:`.passkey_methods`: the compared methods (selector spec x sparsity);
+* :mod:`.passkey_decode`: the greedy decode that stops at the first complete number;
+* :mod:`.passkey_report`: the aggregation, the tables, the heatmaps and the output files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from cab_attention import hf
-from .report import RowsFile, environment, markdown_table, wilson, write_csv, write_json, write_summary
-from .text import (
-    format_selector_spec,
-    haystack_ids,
-    key_found,
-    model_bos,
-    parse_list,
-    parse_selector_spec,
-    passkey_keys,
-    passkey_prompt,
-    split_specs,
-)
+from .passkey_decode import generate_answers
+from .passkey_methods import Method, build_methods
+from .passkey_report import TEXT_FIELDS, aggregate, plot_heatmaps, summary_table, write_outputs
+from .report import RowsFile, environment, wilson, write_json
+from .text import haystack_ids, key_found, model_bos, parse_list, passkey_keys, passkey_prompt, split_specs
+
+__all__ = [
+    "ALL_SELECTORS", "CPU_GRID", "CUDA_GRID", "Method", "TEXT_FIELDS", "aggregate", "build_methods", "build_parser",
+    "generate_answers", "main", "plot_heatmaps", "run_passkey", "summary_table", "trial_key", "wilson", "write_outputs",
+]
 
 ALL_SELECTORS = ("dense", "cab", "magnitude", "streaming", "random", "antidiagonal", "oracle")
 # Small enough for about five minutes on two CPU cores (SmolLM2 fp32: ~3 s per 1k-token prefill).
@@ -64,82 +67,6 @@ CUDA_GRID = {
     "selectors": list(ALL_SELECTORS),
     "sparsities": [0.5, 0.8, 0.9, 0.95, 0.98],
 }
-
-
-# Columns of passkey_trials.csv that hold text, read back as strings.
-TEXT_FIELDS = ("method", "selector", "output")
-
-
-@dataclass(frozen=True)
-class Method:
-    """One column of the comparison: a selector spec at one sparsity (``dense`` runs once, at 0)."""
-
-    spec: str
-    selector: str
-    options: tuple[tuple[str, Any], ...]
-    sparsity: float
-
-    @property
-    def label(self) -> str:
-        return self.spec if self.selector == "dense" else f"{self.spec}@{self.sparsity:g}"
-
-
-def build_methods(specs: Sequence[str], sparsities: Sequence[float]) -> list[Method]:
-    """Methods for each selector spec and sparsity; ``ValueError`` on a bad spec or sparsity."""
-    methods: list[Method] = []
-    for s in sparsities:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
-            raise ValueError(f"sparsities must be numbers in [0, 1), got {s!r}")
-    for spec in specs:
-        name, opts = parse_selector_spec(spec)
-        label = format_selector_spec(name, opts)
-        frozen = tuple(sorted(opts.items()))
-        levels = [0.0] if name == "dense" else [float(s) for s in sparsities]
-        for s in levels:
-            m = Method(label, name, frozen, s)
-            if m not in methods:
-                methods.append(m)
-    if not methods:
-        raise ValueError("selectors must name at least one selector")
-    return methods
-
-
-class _NumberDone:
-    """Stop a row once its continuation holds a complete number (digits followed by a non-digit):
-    the answer is in, the rest of the decode would not change the verdict."""
-
-    def __init__(self, tokenizer: Any, start: int):
-        self.tok, self.start = tokenizer, start
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kw: Any) -> torch.Tensor:
-        done = []
-        for row in input_ids[:, self.start :].tolist():
-            text = self.tok.decode(row, skip_special_tokens=True)
-            done.append(bool(re.search(r"\d+\D", text)))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _generate(model: Any, tok: Any, ids: torch.Tensor, max_new_tokens: int) -> list[str]:
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Stop(StoppingCriteria):
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __call__(self, input_ids, scores, **kwargs):
-            return self.fn(input_ids, scores)
-
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([_Stop(_NumberDone(tok, ids.shape[1]))]),
-        )
-    return [tok.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
 
 def run_passkey(
@@ -228,7 +155,7 @@ def run_passkey(
                 ids = torch.tensor([p.ids for p in group], dtype=torch.long, device=device)
                 t0 = time.perf_counter()
                 with hf.record(model) as rec:
-                    texts = _generate(model, tokenizer, ids, max_new_tokens)
+                    texts = generate_answers(model, tokenizer, ids, max_new_tokens)
                 secs = time.perf_counter() - t0
                 # Prefill calls only: decode steps are dense by design and not part of the budget.
                 prefill = [c for c in rec.calls if c.q_len == ids.shape[1] and c.sparse]
@@ -291,117 +218,6 @@ def _batches(prompts: list, batch: int) -> list[list]:
     for p in prompts:
         groups.setdefault(len(p.ids), []).append(p)
     return [g[i : i + batch] for g in groups.values() for i in range(0, len(g), batch)]
-
-
-def aggregate(trials: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of ``correct``/``total``, accuracy with its 95% Wilson interval, mean density and prompt
-    tokens, grouped by the ``by`` fields (in first-seen order)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for t in trials:
-        groups.setdefault(tuple(t[f] for f in by), []).append(t)
-    rows = []
-    for key, ts in groups.items():
-        correct, total = sum(t["correct"] for t in ts), len(ts)
-        lo, hi = wilson(correct, total)
-        row = dict(zip(by, key))
-        row.update(
-            correct=correct, total=total, accuracy=correct / total, ci_low=lo, ci_high=hi,
-            density=sum(t["density"] for t in ts) / total, tokens=round(sum(t["tokens"] for t in ts) / total, 1),
-        )
-        rows.append(row)
-    return rows
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
-
-
-def plot_heatmaps(payload: dict[str, Any], out: Path) -> list[Path]:
-    """One PNG per method: accuracy over depth (rows) x length (columns), a panel per sparsity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = payload["results"]
-    lengths = sorted({r["length"] for r in rows})
-    depths = sorted({r["depth"] for r in rows})
-    paths = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        levels = sorted({r["sparsity"] for r in mine})
-        fig, axes = plt.subplots(1, len(levels), figsize=(1.2 + 0.9 * len(lengths) * len(levels) + 0.8, 0.6 * len(depths) + 1.6),
-                                 squeeze=False)
-        for ax, s in zip(axes[0], levels):
-            grid = torch.full((len(depths), len(lengths)), float("nan"))
-            cell = {(r["depth"], r["length"]): r for r in mine if r["sparsity"] == s}
-            for i, d in enumerate(depths):
-                for j, L in enumerate(lengths):
-                    r = cell.get((d, L))
-                    if r is not None:
-                        grid[i, j] = r["accuracy"]
-                        ax.text(j, i, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=8)
-            im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=8)
-            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel("needle depth")
-            dens = [r["density"] for r in mine if r["sparsity"] == s]
-            ax.set_title(f"s={s:g}, density {sum(dens) / max(1, len(dens)):.2f}", fontsize=9)
-        fig.suptitle(f"passkey accuracy: {method}", fontsize=10, y=1.04)
-        fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
-        path = out / f"heatmap_{_safe(method)}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def summary_table(payload: dict[str, Any]) -> str:
-    rows = [
-        {
-            "method": r["method"],
-            "sparsity": f"{r['sparsity']:g}",
-            "correct": f"{r['correct']}/{r['total']}",
-            "accuracy": r["accuracy"],
-            "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
-            "density": r["density"],
-        }
-        for r in payload["summary"]
-    ]
-    return markdown_table(rows, floatfmt=".3f")
-
-
-def write_outputs(payload: dict[str, Any], out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "json": write_json(out / "passkey.json", payload),
-        "csv": write_csv(out / "passkey.csv", payload["results"]),
-    }
-    trials_file = RowsFile(out / "passkey_trials.csv", TEXT_FIELDS)
-    trials_file.start(resume=False)
-    trials_file.append(payload["trials"])
-    files["trials_csv"] = trials_file.path
-    c = payload["config"]
-    per_length = aggregate(payload["trials"], ("method", "sparsity", "length"))
-    body = (
-        f"Landmark passkey retrieval on `{c['model']}` ({c['dtype']}), lengths {c['lengths']}, depths "
-        f"{c['depths']}, {c['keys']} keys per cell (random seed of the keys {c['seed']}), block {c['block_size']}, question "
-        f"{'aligned to a block boundary' if c['align_question'] else 'not aligned'}, greedy decode of at most "
-        f"{c['max_new_tokens']} tokens; correct when the key's digits appear. Accuracy with 95% Wilson "
-        f"intervals; density = kept over causally valid blocks of every prefill attention call "
-        f"(all layers and heads). {c['seconds']} s.\n\n"
-        + summary_table(payload)
-        + "\nBy length:\n\n"
-        + markdown_table(
-            [{"method": r["method"], "sparsity": f"{r['sparsity']:g}", "length": r["length"],
-              "correct": f"{r['correct']}/{r['total']}", "density": r["density"]} for r in per_length]
-        )
-    )
-    files["summary"] = write_summary(out / "summary.md", "Passkey retrieval", body, payload.get("environment"))
-    for p in plot_heatmaps(payload, out):
-        files[p.stem] = p
-    return files
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cab_attention import hf
-from cab_eval.evaluate.passkey import Method, build_methods
+from cab_eval.evaluate.passkey_methods import Method, build_methods
 from cab_eval.evaluate.report import environment, write_csv, write_json
 from cab_eval.evaluate.text import parse_list, split_specs
 
