@@ -10,11 +10,12 @@ or ``--csv`` say otherwise.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -66,6 +67,45 @@ def parse_floats(text: str) -> list[float]:
 
 def parse_names(text: str) -> list[str]:
     return [p.strip() for p in str(text).split(",") if p.strip()]
+
+
+def int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``; ``expected`` names the form in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    return parse
+
+
+def names_from(allowed: Collection[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma list of names (:func:`parse_names`), each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        names = parse_names(text)
+        bad = [s for s in names if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; unknown {bad}")
+        return names
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return v
 
 
 def parse_impls(text: str) -> list[str]:

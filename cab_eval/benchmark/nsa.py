@@ -39,7 +39,6 @@ Usage: ``cab bench nsa [--n 8k,16k,32k,64k] [--heads 32] [--kv-heads 8] [--head-
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import statistics
@@ -47,15 +46,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from cab_attention.nsa import NSA_SELECTIONS, NSAAttention
 
-from .cli import parse_names, parse_sizes
+from .cli import int_at_least, names_from, parse_sizes, positive_seconds
 from .io import environment
+from .nsa_output import FIELDS, RowWriter, plot_speed, summary
+
+__all__ = [  # the outputs (FIELDS, RowWriter, plot_speed, summary) are re-exported from nsa_output
+    "DENSE_BACKENDS", "DTYPES", "FIELDS", "RowWriter", "SELECTION_OPTIONS", "SpeedConfig", "build_parser",
+    "config_from_args", "dense_fn", "dry_run_config", "event_timer", "gpu_config", "main", "make_inputs",
+    "method_name", "nsa_module", "plot_speed", "profile_case", "run", "speed", "summary", "time_case",
+]
 
 #: ``--dense`` names -> ``torch.nn.attention.SDPBackend`` members.
 DENSE_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
@@ -321,119 +327,10 @@ def speed(cfg: SpeedConfig, dev: torch.device, log: Callable[[str], Any], deadli
     return rows
 
 
-def _measured(r: dict[str, Any]) -> bool:
-    x = r.get("fwd_bwd_ms")
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def plot_speed(rows: list[dict[str, Any]], path: Path, title: str = "NSA vs dense SDPA, bf16") -> None:
-    """Forward+backward median ms against N (log-log), one line per method; failed and skipped rows left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = sorted({r["method"] for r in rows if _measured(r)})
-    for m in methods:
-        pts = sorted((r["N"], r["fwd_bwd_ms"]) for r in rows if r["method"] == m and _measured(r))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("forward + backward (ms, median)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def summary(rows: list[dict[str, Any]], dense_ref: str | None) -> str:
-    """A markdown table per length and method: forward and forward+backward ms, the forward+backward
-    ratio ``dense_ref / method`` (above 1: faster than that dense baseline), peak memory, status."""
-    ref_head = f"{dense_ref} / method (fwd+bwd)" if dense_ref else "ratio to dense"
-    lines = [f"| N | method | fwd ms | fwd+bwd ms | {ref_head} | peak GiB | status |", "|---|---|---|---|---|---|---|"]
-
-    def cell(x: Any, nd: int) -> str:
-        return f"{x:.{nd}f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
-
-    for r in rows:
-        ref = next((x for x in rows if x["N"] == r["N"] and x["method"] == dense_ref and _measured(x)), None)
-        ratio = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"] if ref is not None and _measured(r) and r["fwd_bwd_ms"] > 0 else None
-        lines.append(f"| {r['N']} | {r['method']} | {cell(r.get('fwd_ms'), 2)} | {cell(r.get('fwd_bwd_ms'), 2)} | "
-                     f"{cell(ratio, 2)} | {cell(r.get('peak_gib'), 2)} | {r['status']} |")
-    return "\n".join(lines)
-
-
-FIELDS = ["date", "device", "torch", "triton", "dtype", "N", "heads", "kv_heads", "head_dim", "block_size",
-          "num_selected", "window", "nsa_backend", "warmup", "reps", "method", "fwd_ms", "fwd_bwd_ms", "peak_gib",
-          "wall_s", "status"]
-
-
-class RowWriter:
-    """Writes the CSV header now and each row as it comes (flushed), so that an interrupted run keeps
-    every finished row. Non-finite numbers are written as empty cells."""
-
-    def __init__(self, path: Path, common: dict[str, Any]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.common = path, common
-        with path.open("w", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
-
-    def __call__(self, row: dict[str, Any]) -> None:
-        def fmt(x: Any) -> Any:
-            if isinstance(x, float):
-                return round(x, 4) if math.isfinite(x) else ""
-            return x
-
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerow(
-                {**self.common, **{k: fmt(v) for k, v in row.items()}})
-
-
-def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
-    """argparse type: an integer >= ``minimum``; ``expected`` names the form in the error."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return v
-
-    return parse
-
-
-def _names_from(allowed: Collection[str]) -> Callable[[str], list[str]]:
-    """argparse type: a comma list of names, each one of ``allowed``."""
-
-    def parse(text: str) -> list[str]:
-        names = parse_names(text)
-        bad = [s for s in names if s not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; unknown {bad}")
-        return names
-
-    return parse
-
-
-_positive = _int_at_least(1, "a positive integer")
-_non_negative = _int_at_least(0, "an integer >= 0")
-_selections = _names_from(NSA_SELECTIONS)
-_dense = _names_from(DENSE_BACKENDS)
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
-    return v
+_positive = int_at_least(1, "a positive integer")
+_non_negative = int_at_least(0, "an integer >= 0")
+_selections = names_from(NSA_SELECTIONS)
+_dense = names_from(DENSE_BACKENDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, default=None, help="untimed repetitions first (default 3)")
     p.add_argument("--reps", type=_positive, default=None, help="timed repetitions, median reported (default 10)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16")
-    p.add_argument("--time-budget", type=_seconds, default=None,
+    p.add_argument("--time-budget", type=positive_seconds, default=None,
                    help="seconds; what has not started when they are spent is skipped (and recorded as skipped)")
     p.add_argument("--out", type=Path, default=None, help=f"results CSV (default {DEFAULT_OUT_DIR}/<device>-<date>.csv)")
     p.add_argument("--profile", action="store_true",
