@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole script")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: a check that the script runs")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="correctness (and training) only; speed is `cab bench nsa`'s")
     ap.add_argument("--speed-share", type=float, default=0.5, help="share of --budget for the speed section (default 0.5)")
     ap.add_argument("--seeds", default="0,1", help="training seeds (default 0,1); the budget may cut the last ones")
     ap.add_argument("--tar", action="store_true",
@@ -154,14 +155,18 @@ def main(argv=None) -> int:
     _write(out / "correctness.csv", corr)
     log(f"[{time.time() - t_start:.0f} s] correctness done")
 
-    speed_deadline = t_start + (args.budget * args.speed_share if not args.skip_train else args.budget)
-    rows = speed(speed_cfg, dev, log, speed_deadline)
-    _write(out / "speed.csv", rows)
-    try:
-        plot_speed(rows, out / "speed.png")
-    except Exception as e:
-        log(f"speed plot failed: {e}")
-    log(f"[{time.time() - t_start:.0f} s] speed done")
+    rows = []
+    if args.skip_speed:
+        log("speed: skipped (--skip-speed)")
+    else:
+        speed_deadline = t_start + (args.budget * args.speed_share if not args.skip_train else args.budget)
+        rows = speed(speed_cfg, dev, log, speed_deadline)
+        _write(out / "speed.csv", rows)
+        try:
+            plot_speed(rows, out / "speed.png")
+        except Exception as e:
+            log(f"speed plot failed: {e}")
+        log(f"[{time.time() - t_start:.0f} s] speed done")
 
     train_note = "skipped (--skip-train)"
     if not args.skip_train:
@@ -181,19 +186,19 @@ def main(argv=None) -> int:
                 train_note = "error (see log)"
     log(f"[{time.time() - t_start:.0f} s] training {train_note}")
 
-    # The short table, last.
-    log("\n== NSA vs dense, forward+backward median ms (" + env + ") ==")
-    methods = []
-    for r in rows:
-        if r["method"] not in methods and r["method"] != "all":
-            methods.append(r["method"])
-    log("N".ljust(7) + "".join(m.rjust(22) for m in methods))
-    for n in speed_cfg.lengths:
-        cells = []
-        for m in methods:
-            r = next((x for x in rows if x["N"] == n and x["method"] == m), None)
-            cells.append(f"{r['fwd_bwd_ms']:.2f}".rjust(22) if r and "fwd_bwd_ms" in r else "-".rjust(22))
-        log(str(n).ljust(7) + "".join(cells))
+    if rows:  # the short table, last
+        log("\n== NSA vs dense, forward+backward median ms (" + env + ") ==")
+        methods = []
+        for r in rows:
+            if r["method"] not in methods and r["method"] != "all":
+                methods.append(r["method"])
+        log("N".ljust(7) + "".join(m.rjust(22) for m in methods))
+        for n in speed_cfg.lengths:
+            cells = []
+            for m in methods:
+                r = next((x for x in rows if x["N"] == n and x["method"] == m), None)
+                cells.append(f"{r['fwd_bwd_ms']:.2f}".rjust(22) if r and "fwd_bwd_ms" in r else "-".rjust(22))
+            log(str(n).ljust(7) + "".join(cells))
     fails = [f"{r['selection']}:{r['tensor']}" for r in corr if not r.get("pass")]
     log(f"correctness (flex bf16 err <= 2x reference bf16 err, vs float64): {'PASS' if not fails else 'FAIL ' + ', '.join(fails)}")
     log(f"training: {train_note}")

@@ -1,7 +1,8 @@
 """NSA's flex backend on CPU (forward only: FlexAttention has no CPU backward) against the reference.
 
-One input shape, and the selected and window branches share one compiled kernel (their mask_mod
-captures its window as a tensor), so the whole file costs one compile. Eager FlexAttention would ignore
+One input shape; at FlexAttention blocks equal to the selection's, the selected and window branches
+share one compiled kernel (their mask_mod captures its window as a tensor); coarser blocks add one
+kernel for the selected branch's table-reading mask_mod. Eager FlexAttention would ignore
 the block indices; the checks that the flex branches equal the masked reference *and* differ from dense
 attention rule that out. The CUDA forward and backward are checked by scripts/gpu_nsa.py.
 """
