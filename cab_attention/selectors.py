@@ -18,7 +18,7 @@ _MOVED = {
     "_row_rank01": ("select", "row_rank01"),
     "_masked_softmax": ("select", "masked_softmax"),
     "_SCORERS": ("select", "SCORERS"),
-    "_Context": ("select", "_Context"),
+    "_Context": ("select_scorers", "ScoringContext"),
 }
 
 

@@ -3,27 +3,14 @@
 :func:`cab_attention.select_blocks` holds ``[B, H, Mq, Mk]`` tensors (priority, mask, ``kv_indices``,
 sort orders). At 1M tokens with 64-token blocks (``M = 16,384``) and 32 query heads each is 8 GiB (bool)
 to 64 GiB (int64): it cannot run. This module computes the *same* selection one tile of query-block rows
-at a time and never materialises an ``[Mq, Mk]`` tensor:
+at a time and never materialises an ``[Mq, Mk]`` tensor; the parts live beside it, one job each:
 
-* **Geometry of a tile.** Rows ``[i0, i1)`` are queries ``[t0, t1)``; causally they see keys
-  ``[0, kend)`` with ``kend = min(Nk, (i1 + block_offset) * block_size)``. The tile is a chunked-prefill
-  call of its own (its queries are the last of ``k[:kend]``), so its :class:`BlockGrid` has the same
-  block alignment, forced blocks and per-row budgets as the whole grid's rows ``i0..i1-1``.
-* **Priority per tile**, float32 ``[B, Hq, T, Mk_tile]``: ``magnitude`` (coarse logits), ``streaming``
-  (recency), ``dense``, ``antidiagonal`` (the torch twin per tile, or on CUDA the fused Triton estimator
-  of :mod:`cab_attention.kernels.antidiagonal` with ``passes=2``: no scratch, memory = the tile's output)
-  and ``cab``. Coarse vectors are computed once, in chunks of blocks (``[B, H, M, D]``, small).
-* **cab** needs ``R = A @ A`` over every present query block: ``R[I, c] = sum_k A[I, lo + k] A[k, c]``.
-  Memory-bounded form (exact, not candidates): one query head at a time; for each column chunk
-  ``[c0, c1)`` the strip ``A[k0:i1, c0:c1]`` is recomputed from the coarse vectors (``k0 = c0 - lo``:
-  rows above it are causally zero there; ``i1``: the tile's rows see no later node), so ``A`` is never
-  held whole. FLOPs ``~ M^3 / 3`` per head (the causal third of the dense ``A @ A``) plus
-  ``~ M^3 D / (3 T)`` to recompute ``A``. Augmented Forman's in-strength (a column sum over *all* rows)
-  is one pre-pass per head. Only exact zeros are skipped, so priorities equal the torch rule's up to
-  float32 summation order.
-* **Selection per tile**: the torch rule (``rank_order`` + ``keep_first`` + ``kv_layout``) or on CUDA the
-  exact radix select of :mod:`cab_attention.kernels.radix_select` (same set, bit for bit), writing a
-  *compact* ``kv_indices`` ``[B, H, T, K]`` with ``K`` = the largest row budget.
+* :mod:`cab_attention.streamed_tiles`: the geometry of a tile (each tile is a chunked-prefill call of
+  its own, with the whole grid's block alignment, forced blocks and budgets) and chunked coarsening;
+* :mod:`cab_attention.streamed_priority`: the priority per tile, float32 ``[B, Hq, T, Mk_tile]``, and the
+  memory-bounded exact ``R = A @ A`` of ``cab``;
+* :mod:`cab_attention.streamed_selection`: the selection per tile and :class:`CompactSelection`, the
+  compact ``kv_indices`` ``[B, H, T, K]`` layout with ``K`` = the largest row budget.
 
 :func:`select_blocks_streamed` returns the whole :class:`CompactSelection` (``kv_indices [B, H, Mq, K]``);
 :func:`sparse_attention_streamed` selects *and executes* each tile before the next (the Triton
@@ -61,12 +48,12 @@ from typing import Any
 import torch
 
 from .options import DEFAULT_SELECTOR
-from . import score as S
-from .coarsen import coarsen
 from .geometry import BlockGrid, blocks_kept, check_block_size, check_finite, check_qkv, check_sparsity
 from .options import check_stride, resolve_options
-from .select import keep_first, rank_order, row_rank01
-from .selection import BlockSelection, kv_layout
+from .selection import BlockSelection
+from .streamed_priority import cab_in_strength, tile_priority
+from .streamed_selection import CompactSelection, dense_rows, mask_from_lists, select_tile
+from .streamed_tiles import RowTile, coarsen_chunked, row_budget, row_tiles
 
 #: Selectors the streamed path computes exactly as :func:`cab_attention.select_blocks` does.
 STREAMED_SELECTORS = ("dense", "magnitude", "streaming", "antidiagonal", "cab")
@@ -81,232 +68,9 @@ __all__ = [
 
 
 @dataclass
-class CompactSelection:
-    """A selection stored as row lists only (no ``[Mq, Mk]`` mask).
-
-    Attributes:
-        kv_num_blocks: ``[B, H, Mq]`` int32, kept blocks per row.
-        kv_indices: ``[B, H, Mq, K]`` int32, each row's kept key blocks ascending, then zeros;
-            ``K`` is the largest row budget.
-        grid: the block grid; selector: the selector's name; shared_kv: ``H`` is the KV heads.
-    """
-
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    grid: BlockGrid
-    selector: str
-    shared_kv: bool = False
-
-    def to_block_selection(self) -> BlockSelection:
-        """The equivalent :class:`BlockSelection` (builds the ``[B, H, Mq, Mk]`` mask: small inputs only)."""
-        mask = _mask_from_lists(self.kv_num_blocks, self.kv_indices, self.grid.num_kv_blocks)
-        num, idx = kv_layout(mask)
-        return BlockSelection(mask, num, idx, self.grid, self.selector, self.shared_kv)
-
-
-def _mask_from_lists(num: torch.Tensor, idx: torch.Tensor, mk: int) -> torch.Tensor:
-    k = idx.shape[-1]
-    used = torch.arange(k, device=idx.device) < num[..., None].long()
-    mask = torch.zeros(*idx.shape[:-1], mk + 1, dtype=torch.bool, device=idx.device)
-    mask.scatter_(-1, torch.where(used, idx.long(), mk), True)
-    return mask[..., :mk]
-
-
-# ------------------------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class _Tile:
-    i0: int  # first query-block row
-    i1: int  # one past the last
-    t0: int  # first query token
-    t1: int  # one past the last
-    kend: int  # keys the tile's rows can see (causal)
-    grid: BlockGrid  # the tile as its own chunked-prefill call
-
-
-def _tiles(grid: BlockGrid, row_tile: int) -> list[_Tile]:
-    bs, pad = grid.block_size, grid.q_pad_front
-    out = []
-    for i0 in range(0, grid.num_q_blocks, row_tile):
-        i1 = min(grid.num_q_blocks, i0 + row_tile)
-        t0 = max(0, i0 * bs - pad)
-        t1 = min(grid.q_len, i1 * bs - pad)
-        kend = grid.offset + t1
-        sub = BlockGrid(grid.batch, grid.q_heads, grid.kv_heads, t1 - t0, kend, grid.head_dim, bs, True)
-        out.append(_Tile(i0, i1, t0, t1, kend, sub))
-    return out
-
-
-def _row_budget(grid: BlockGrid, sparsity: float, device: torch.device) -> torch.Tensor:
-    """``[Mq]`` int64 per-row budget (:meth:`BlockGrid.budget` without its ``[Mq, Mk]`` valid mask)."""
-    valid_count = grid.diagonal(device) + 1  # causal: blocks 0..diagonal
-    return blocks_kept(valid_count, sparsity)
-
-
-def _coarsen_chunked(x: torch.Tensor, block_size: int, method: str, pad_front: int, chunk_blocks: int) -> torch.Tensor:
-    """:func:`cab_attention.coarsen.coarsen` of ``x`` ``[B, H, N, D]`` in chunks of blocks (coarsening is
-    block-local, so the result is the same; the float32 temporaries stay chunk-sized)."""
-    n = x.shape[2]
-    m = -(-(pad_front + n) // block_size)
-    parts = []
-    for c0 in range(0, m, chunk_blocks):
-        c1 = min(m, c0 + chunk_blocks)
-        a = max(0, c0 * block_size - pad_front)
-        b = min(n, c1 * block_size - pad_front)
-        parts.append(coarsen(x[:, :, a:b], block_size, method, pad_front=pad_front if c0 == 0 else 0))
-    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-
-
-# ------------------------------------------------------------------------------------------- priority
-
-
-def _cab_head_priority(
-    qc_h: torch.Tensor,
-    kc_h: torch.Tensor,
-    grid: BlockGrid,
-    tile: _Tile,
-    scale: float,
-    opts: dict[str, Any],
-    in_strength: torch.Tensor | None,
-    col_chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``cab``'s priority of one query head for the tile's rows, full key width.
-
-    Args: qc_h ``[B, Mq, D]`` (all query blocks), kc_h ``[B, Mk, D]``; in_strength ``[B, Mk]`` (Forman).
-    Returns ``(priority [B, T, Mk] float32, demote [B, T, Mk] bool or None)``.
-    """
-    mk, lo = grid.num_kv_blocks, grid.block_offset
-    i0, i1 = tile.i0, tile.i1
-    dev = qc_h.device
-    rows = torch.arange(i0, i1, device=dev)
-    cols = torch.arange(mk, device=dev)
-    diag = (rows + lo).clamp_max(mk - 1)
-    valid = cols[None, :] <= diag[:, None]  # [T, Mk]
-    logits = S.coarse_logits(qc_h[:, None, i0:i1], kc_h[:, None], scale)[:, 0]  # [B, T, Mk]
-    a = S.affinity(logits, valid)
-    # R[I, c] = sum_k A[I, lo + k] A[k, c]; A[I, lo + k] = 0 for k >= i1, A[k, c] = 0 for k < c - lo.
-    r = torch.zeros_like(a)
-    a_rows = a[..., lo : lo + i1]  # [B, T, i1]
-    for c0 in range(0, min(mk, i1 + lo), col_chunk):
-        c1 = min(mk, c0 + col_chunk)
-        k0 = max(0, c0 - lo)
-        if k0 >= i1:
-            break
-        kr = torch.arange(k0, i1, device=dev)
-        strip_valid = torch.arange(c0, c1, device=dev)[None, :] <= (kr + lo).clamp_max(mk - 1)[:, None]
-        strip = S.affinity(S.coarse_logits(qc_h[:, None, k0:i1], kc_h[:, None, c0:c1], scale)[:, 0], strip_valid)
-        r[..., c0:c1] = torch.matmul(a_rows[..., k0:i1], strip)
-    if opts["score"] == "forman":
-        f = S.augmented_forman(a, r, in_strength=in_strength[:, None, :])
-    else:
-        f = S.triangle_proxy(a, r, lam=float(opts["lam"]), norm=opts["norm"])
-    prio = -f if opts["keep"] == "lowest" else f
-    w = float(opts["hybrid"])
-    if w > 0:
-        prio = (1 - w) * row_rank01(prio, valid) + w * row_rank01(logits, valid)
-    demote = a <= 0 if opts["edges"] == "positive" else None
-    return prio, demote
-
-
-def _cab_in_strength(qc_h: torch.Tensor, kc_h: torch.Tensor, grid: BlockGrid, scale: float, row_chunk: int) -> torch.Tensor:
-    """Column sums of ``A`` over every present query block (augmented Forman's in-strength), ``[B, Mk]``."""
-    mq, mk, lo = grid.num_q_blocks, grid.num_kv_blocks, grid.block_offset
-    dev = qc_h.device
-    total = torch.zeros(qc_h.shape[0], mk, device=dev)
-    cols = torch.arange(mk, device=dev)
-    for i0 in range(0, mq, row_chunk):
-        i1 = min(mq, i0 + row_chunk)
-        valid = cols[None, :] <= (torch.arange(i0, i1, device=dev) + lo).clamp_max(mk - 1)[:, None]
-        a = S.affinity(S.coarse_logits(qc_h[:, None, i0:i1], kc_h[:, None], scale)[:, 0], valid)
-        total += a.sum(-2)
-    return total
-
-
-def _tile_priority(
-    selector: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    qc: torch.Tensor | None,
-    kc: torch.Tensor | None,
-    grid: BlockGrid,
-    tile: _Tile,
-    scale: float,
-    opts: dict[str, Any],
-    use_triton: bool,
-    in_strength: list[torch.Tensor] | None,
-    col_chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tile's priority ``[B, Hq, T, Mk_tile]`` float32 and demotion mask (or ``None``)."""
-    sub = tile.grid
-    mk_t = sub.num_kv_blocks
-    b, hq, t = grid.batch, grid.q_heads, tile.i1 - tile.i0
-    dev = q.device
-    if selector in ("streaming", "dense"):
-        j = torch.arange(mk_t, device=dev, dtype=torch.float32)
-        return j.expand(b, hq, t, mk_t), None
-    if selector == "magnitude":
-        return S.coarse_logits(qc[:, :, tile.i0 : tile.i1], kc[:, :, :mk_t], scale), None
-    if selector == "antidiagonal":
-        q_t, k_t = q[:, :, tile.t0 : tile.t1], k[:, :, : tile.kend]
-        if use_triton:
-            from .kernels.antidiagonal import antidiagonal_mass
-
-            return antidiagonal_mass(q_t, k_t, sub, scale, int(opts["stride"]), passes=2), None
-        return S.antidiagonal_mass(q_t, k_t, sub, scale, stride=int(opts["stride"])), None
-    # cab: one query head at a time.
-    prio = torch.empty(b, hq, t, mk_t, device=dev, dtype=torch.float32)
-    demote = torch.empty(b, hq, t, mk_t, device=dev, dtype=torch.bool) if opts["edges"] == "positive" else None
-    g = grid.group
-    for h in range(hq):
-        p, d = _cab_head_priority(
-            qc[:, h], kc[:, h // g], grid, tile, scale, opts, None if in_strength is None else in_strength[h], col_chunk
-        )
-        prio[:, h] = p[..., :mk_t]
-        if demote is not None:
-            demote[:, h] = d[..., :mk_t]
-    return prio, demote
-
-
-# ------------------------------------------------------------------------------------------- selection
-
-
-def _select_tile(
-    prio: torch.Tensor,
-    demote: torch.Tensor | None,
-    sub: BlockGrid,
-    budget: torch.Tensor,
-    width: int,
-    share_kv: bool,
-    use_triton: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep ``budget`` ``[T]`` blocks per row of the tile. Returns ``(num [B, H, T], idx [B, H, T, width])``."""
-    if share_kv:
-        prio = prio.reshape(sub.batch, sub.kv_heads, sub.group, *prio.shape[2:]).mean(2)
-        if demote is not None:
-            demote = demote.reshape(sub.batch, sub.kv_heads, sub.group, *demote.shape[2:]).all(2)
-    if use_triton and demote is None:
-        from .kernels.radix_select import radix_select_rows
-
-        _, num, idx = radix_select_rows(prio, budget, sub.block_offset, True, write_mask=False, index_width=width)
-        # The kernel leaves columns past the tile's key blocks unwritten; the layout promises zeros there.
-        past = torch.arange(width, device=idx.device) >= num[..., None]
-        return num, idx.masked_fill_(past, 0)
-    dev = prio.device
-    order = rank_order(prio, sub.valid(dev), sub.forced(dev), demote)
-    mask = keep_first(order, budget)
-    num, idx = kv_layout(mask)
-    w = min(width, idx.shape[-1])
-    out = torch.zeros(*idx.shape[:-1], width, dtype=torch.int32, device=dev)
-    out[..., :w] = idx[..., :w]
-    return num, out
-
-
-# ------------------------------------------------------------------------------------------- the plan
-
-
-@dataclass
 class _Plan:
+    """What every tile of one call shares: the checked options, the per-row budgets, the coarse vectors."""
+
     grid: BlockGrid
     selector: str
     sparsity: float
@@ -314,7 +78,7 @@ class _Plan:
     scale: float
     share_kv: bool
     use_triton: bool
-    tiles: list[_Tile]
+    tiles: list[RowTile]
     budget: torch.Tensor  # [Mq] int64
     width: int  # K
     qc: torch.Tensor | None
@@ -322,24 +86,15 @@ class _Plan:
     in_strength: list[torch.Tensor] | None
     col_chunk: int
 
-    def select(self, q: torch.Tensor, k: torch.Tensor, tile: _Tile) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, q: torch.Tensor, k: torch.Tensor, tile: RowTile) -> tuple[torch.Tensor, torch.Tensor]:
         budget = self.budget[tile.i0 : tile.i1]
         if self.selector == "dense" or self.grid.q_len < self.grid.block_size:
-            return _dense_rows(tile.grid, self.share_kv, budget.shape[0], self.width, q.device)
-        prio, demote = _tile_priority(
+            return dense_rows(tile.grid, self.share_kv, budget.shape[0], self.width, q.device)
+        prio, demote = tile_priority(
             self.selector, q, k, self.qc, self.kc, self.grid, tile, self.scale, self.opts, self.use_triton,
             self.in_strength, self.col_chunk,
         )
-        return _select_tile(prio, demote, tile.grid, budget, self.width, self.share_kv, self.use_triton)
-
-
-def _dense_rows(sub: BlockGrid, share_kv: bool, t: int, width: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    heads = sub.kv_heads if share_kv else sub.q_heads
-    n = sub.diagonal(dev) + 1  # [T]
-    num = n.to(torch.int32).expand(sub.batch, heads, t).contiguous()
-    j = torch.arange(width, device=dev)
-    idx = torch.where(j[None, :] < n[:, None], j[None, :], 0).to(torch.int32)
-    return num, idx.expand(sub.batch, heads, t, width).contiguous()
+        return select_tile(prio, demote, tile.grid, budget, self.width, self.share_kv, self.use_triton)
 
 
 _OWN = ("row_tile", "col_chunk", "coarsen_chunk", "impl")
@@ -380,7 +135,7 @@ def _plan(q, k, selector, sparsity, block_size, causal, options, row_tile, col_c
     grid = BlockGrid.of(q, k, block_size, True)
     dev = q.device
     scale = float(opts["scale"]) if opts["scale"] is not None else grid.head_dim**-0.5
-    budget = _row_budget(grid, sparsity, dev)
+    budget = row_budget(grid, sparsity, dev)
     dense = selector == "dense" or grid.q_len < block_size
     if dense:
         budget = grid.diagonal(dev) + 1
@@ -388,13 +143,13 @@ def _plan(q, k, selector, sparsity, block_size, causal, options, row_tile, col_c
     qc = kc = None
     in_strength = None
     if not dense and selector in ("magnitude", "cab"):
-        qc = _coarsen_chunked(q, block_size, opts["coarsen"], grid.q_pad_front, coarsen_chunk)
-        kc = _coarsen_chunked(k, block_size, opts["coarsen"], 0, coarsen_chunk)
+        qc = coarsen_chunked(q, block_size, opts["coarsen"], grid.q_pad_front, coarsen_chunk)
+        kc = coarsen_chunked(k, block_size, opts["coarsen"], 0, coarsen_chunk)
         if selector == "cab" and opts["score"] == "forman":
             g = grid.group
-            in_strength = [_cab_in_strength(qc[:, h], kc[:, h // g], grid, scale, row_tile) for h in range(grid.q_heads)]
+            in_strength = [cab_in_strength(qc[:, h], kc[:, h // g], grid, scale, row_tile) for h in range(grid.q_heads)]
     return _Plan(grid, selector, float(sparsity), opts, scale, bool(opts["share_kv"]), use_triton,
-                 _tiles(grid, row_tile), budget, width, qc, kc, in_strength, col_chunk)
+                 row_tiles(grid, row_tile), budget, width, qc, kc, in_strength, col_chunk)
 
 
 def select_blocks_streamed(
@@ -456,7 +211,7 @@ def _execute(q, k, v, num, idx, grid: BlockGrid, shared_kv: bool, scale: float |
         return block_sparse_attention(q, k, v, num, idx, grid, shared_kv=shared_kv, scale=scale)
     from .execute import reference_attention
 
-    mask = _mask_from_lists(num, idx, grid.num_kv_blocks)
+    mask = mask_from_lists(num, idx, grid.num_kv_blocks)
     return reference_attention(q, k, v, BlockSelection(mask, num, idx, grid, "streamed", shared_kv), scale=scale)
 
 

@@ -16,10 +16,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formatting import finite, fmt_ms, nlabel
+from .formatting import finite, fmt_ms, nlabel, table
+from .summary_targets import HEADLINE_S, TARGET_N, measured, value, verdict
 
-TARGET_N = 131072
-HEADLINE_S = 0.95
 DENSE = "attention:sdpa-cudnn"
 #: today / previous above this ratio is "slower" in the regression table; up to it, "within noise" (the
 #: spread of repeated runs of the same launch on the H200 at 128k and 95% was < 1%, at 90% up to 10%:
@@ -27,29 +26,10 @@ DENSE = "attention:sdpa-cudnn"
 NOISE = 1.05
 
 
-def _ok(r) -> bool:
-    return r.get("status", "ok").startswith("ok") and finite(r.get("ms")) is not None
-
-
-def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
-    """The ``key`` column of the ``ok`` row of ``case`` at ``(n, batch, sparsity)``, or ``None``."""
-    for r in rows:
-        if r["case"] != case or int(r["n"]) != n or int(r["batch"]) != batch or not _ok(r):
-            continue
-        s = finite(r.get("sparsity"))
-        if (sparsity is None and s is None) or (sparsity is not None and s is not None and abs(s - sparsity) < 1e-9):
-            return finite(r.get(key))
-    return None
-
-
-def table(header, body):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
-
-
-def verdict(ok):
-    return "not measured" if ok is None else ("**met**" if ok else "**not met**")
+def measured_value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
+    """:func:`~.summary_targets.value` over measured rows only: these sections read raw CSV rows, where a
+    skipped or failed case must not stand in for a figure."""
+    return value(rows, case, n, batch=batch, sparsity=sparsity, key=key, ok_only=True)
 
 
 def source(rows) -> str:
@@ -94,7 +74,7 @@ def break_even(rows, case, s=HEADLINE_S):
     """``(n, note)``: the smallest measured N from which ``case`` beats cuDNN at every longer measured N."""
     pts = []
     for n in sorted({int(r["n"]) for r in rows if int(r["batch"]) == 1}):
-        t, d = value(rows, case, n, sparsity=s), value(rows, DENSE, n)
+        t, d = measured_value(rows, case, n, sparsity=s), measured_value(rows, DENSE, n)
         if t is not None and d is not None:
             pts.append((n, t, d))
     if not pts:
@@ -116,16 +96,18 @@ def break_even(rows, case, s=HEADLINE_S):
 def measure_target(rows, t: Target, n=TARGET_N, s=HEADLINE_S):
     """``(measured text, ok)`` of one target on ``rows`` (ok None: not measured)."""
     if t.kind == "kept":
-        v = value(rows, t.case, n, sparsity=s, key="kept_tflops")
-        return ("-", None) if v is None else (f"{v:.1f} TFLOP/s ({fmt_ms(value(rows, t.case, n, sparsity=s))} ms)", v >= t.goal)
+        v = measured_value(rows, t.case, n, sparsity=s, key="kept_tflops")
+        if v is None:
+            return "-", None
+        return f"{v:.1f} TFLOP/s ({fmt_ms(measured_value(rows, t.case, n, sparsity=s))} ms)", v >= t.goal
     if t.kind == "ms":
-        v = value(rows, t.case, n, sparsity=s)
+        v = measured_value(rows, t.case, n, sparsity=s)
         return ("-", None) if v is None else (f"{fmt_ms(v)} ms", v <= t.goal)
     if t.kind == "mb":
-        v = value(rows, t.case, n, sparsity=s, key="peak_mb")
+        v = measured_value(rows, t.case, n, sparsity=s, key="peak_mb")
         return ("-", None) if v is None else (f"{v:.0f} MiB", v < t.goal)
     if t.kind == "speedup":
-        v, d = value(rows, t.case, n, sparsity=s), value(rows, DENSE, n)
+        v, d = measured_value(rows, t.case, n, sparsity=s), measured_value(rows, DENSE, n)
         if v is None or d is None:
             return "-", None
         return f"{d / v:.1f}x ({fmt_ms(d)} / {fmt_ms(v)} ms)", d / v >= t.goal
@@ -145,12 +127,12 @@ def anchor(rows, t: Target, n=TARGET_N, s=HEADLINE_S) -> str:
     time, or the end to end with FlexAttention."""
     if t.kind == "kept":
         flex = t.case.replace("[triton]", "")
-        v = value(rows, flex, n, sparsity=s, key="kept_tflops")
+        v = measured_value(rows, flex, n, sparsity=s, key="kept_tflops")
         return "-" if v is None else f"flex {v:.1f}"
     if t.kind == "speedup":
-        d = value(rows, DENSE, n)
+        d = measured_value(rows, DENSE, n)
         flex = t.case.replace("+triton", "")
-        v = value(rows, flex, n, sparsity=s)
+        v = measured_value(rows, flex, n, sparsity=s)
         parts = [] if d is None else [f"cuDNN {fmt_ms(d)} ms"]
         if v is not None and d is not None:
             parts.append(f"with flex {d / v:.1f}x")
@@ -181,13 +163,13 @@ def triton_breakdown(rows, impl: str, s=HEADLINE_S) -> str:
     body = []
     ns = sorted({int(r["n"]) for r in rows if int(r["batch"]) == 1})
     for n in ns:
-        st = [value(rows, f"predictor:cab[{impl}]:{x}", n, sparsity=(s if x in ("select", "mask") else None))
+        st = [measured_value(rows, f"predictor:cab[{impl}]:{x}", n, sparsity=(s if x in ("select", "mask") else None))
               for x in ("coarsen", "score", "select", "mask")]
-        cells = st + [value(rows, "attention:cab-sparse", n, sparsity=s),
-                      value(rows, "attention:cab-sparse[triton]", n, sparsity=s),
-                      value(rows, f"predictor:cab[{impl}]", n, sparsity=s),
-                      value(rows, f"total:cab[{impl}]", n, sparsity=s),
-                      value(rows, f"total:cab[{impl}]+triton", n, sparsity=s)]
+        cells = st + [measured_value(rows, "attention:cab-sparse", n, sparsity=s),
+                      measured_value(rows, "attention:cab-sparse[triton]", n, sparsity=s),
+                      measured_value(rows, f"predictor:cab[{impl}]", n, sparsity=s),
+                      measured_value(rows, f"total:cab[{impl}]", n, sparsity=s),
+                      measured_value(rows, f"total:cab[{impl}]+triton", n, sparsity=s)]
         if any(c is not None for c in cells):
             body.append([nlabel(n)] + [fmt_ms(c) for c in cells])
     return table(["N", "coarsen", "score", "select", "mask", "attention flex", "attention triton",
@@ -205,7 +187,8 @@ def kept_rate_table(rows) -> str:
             for s in sps:
                 cells = []
                 for case in (f"attention:cab-sparse{suffix}", f"attention:cab-sparse[triton]{suffix}"):
-                    k, ms = value(rows, case, n, sparsity=s, key="kept_tflops"), value(rows, case, n, sparsity=s)
+                    k = measured_value(rows, case, n, sparsity=s, key="kept_tflops")
+                    ms = measured_value(rows, case, n, sparsity=s)
                     cells.append("-" if ms is None else f"{'-' if k is None else f'{k:.1f}'} ({fmt_ms(ms)})")
                 if any(c != "-" for c in cells):
                     body.append([nlabel(n), bs, f"{s:.0%}"] + cells)
@@ -219,7 +202,7 @@ def memory_table(rows, s=HEADLINE_S) -> str:
     ns = sorted({int(r["n"]) for r in rows if int(r["batch"]) == 1})
     body = []
     for c in cases:
-        vals = [value(rows, c, n, sparsity=s, key="peak_mb") for n in ns]
+        vals = [measured_value(rows, c, n, sparsity=s, key="peak_mb") for n in ns]
         if any(v is not None for v in vals):
             body.append([f"`{c}`"] + ["-" if v is None else f"{v:.0f}" for v in vals])
     return table(["case (peak MiB)"] + [nlabel(n) for n in ns], body)
@@ -233,10 +216,10 @@ def regression_rows(today, previous):
     """``(case, n, sparsity, previous ms, today ms, ratio)`` for every B = 1 case measured in both."""
     out = []
     for r in today:
-        if int(r["batch"]) != 1 or not _ok(r) or not _kind_ok(r["case"]):
+        if int(r["batch"]) != 1 or not measured(r) or not _kind_ok(r["case"]):
             continue
         s = finite(r.get("sparsity"))
-        p = value(previous, r["case"], int(r["n"]), sparsity=s)
+        p = measured_value(previous, r["case"], int(r["n"]), sparsity=s)
         t = finite(r["ms"])
         if p is not None and p > 0:
             out.append((r["case"], int(r["n"]), s, p, t, t / p))
@@ -261,7 +244,7 @@ def kept_rate_plot(rows, out_path: Path, s=HEADLINE_S) -> Path | None:
     for case, label in (("attention:cab-sparse", "flex, 64"), ("attention:cab-sparse[triton]", "triton, 64"),
                         ("attention:cab-sparse@bs128", "flex, 128"), ("attention:cab-sparse[triton]@bs128", "triton, 128")):
         pts = sorted((int(r["n"]), finite(r["kept_tflops"])) for r in rows
-                     if r["case"] == case and int(r["batch"]) == 1 and _ok(r) and finite(r.get("kept_tflops")) is not None
+                     if r["case"] == case and int(r["batch"]) == 1 and measured(r) and finite(r.get("kept_tflops")) is not None
                      and finite(r.get("sparsity")) is not None and abs(finite(r["sparsity"]) - s) < 1e-9)
         if pts:
             lines.append((label, pts))

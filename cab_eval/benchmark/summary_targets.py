@@ -27,10 +27,20 @@ def _same_s(r, s):
     return v is not None and abs(v - s) < 1e-9
 
 
-def value(rows, case, n, *, batch=1, sparsity=None, key="ms"):
-    """The ``key`` column of the first row of ``case`` at ``(n, batch, sparsity)`` as a finite float, or ``None``."""
+def measured(r) -> bool:
+    """Whether row ``r`` holds a measurement: its status is ``ok...`` (or absent) and its ``ms`` is finite."""
+    return r.get("status", "ok").startswith("ok") and finite(r.get("ms")) is not None
+
+
+def value(rows, case, n, *, batch=1, sparsity=None, key="ms", ok_only=False):
+    """The ``key`` column of the first row of ``case`` at ``(n, batch, sparsity)`` as a finite float, or ``None``.
+
+    ``ok_only`` skips rows that are not :func:`measured` (skipped or failed cases) and reads the first
+    measured one; without it the first matching row answers whatever its status (the page's main tables
+    are built from rows already filtered)."""
     for r in rows:
-        if r["case"] == case and int(r["n"]) == n and int(r["batch"]) == batch and _same_s(r, sparsity):
+        if r["case"] == case and int(r["n"]) == n and int(r["batch"]) == batch and _same_s(r, sparsity) \
+                and (not ok_only or measured(r)):
             return finite(r.get(key))
     return None
 

@@ -6,13 +6,12 @@ back; nothing here loads a model."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .report import RowsFile, markdown_table, wilson, write_csv, write_json, write_summary
+from .report import RowsFile, file_name_part, markdown_table, wilson, write_csv, write_json, write_summary
 
 # Columns of passkey_trials.csv that hold text, read back as strings.
 TEXT_FIELDS = ("method", "selector", "output")
@@ -35,10 +34,6 @@ def aggregate(trials: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[
         )
         rows.append(row)
     return rows
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
 
 
 def plot_heatmaps(payload: dict[str, Any], out: Path) -> list[Path]:
@@ -75,7 +70,7 @@ def plot_heatmaps(payload: dict[str, Any], out: Path) -> list[Path]:
             ax.set_title(f"s={s:g}, density {sum(dens) / max(1, len(dens)):.2f}", fontsize=9)
         fig.suptitle(f"passkey accuracy: {method}", fontsize=10, y=1.04)
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
-        path = out / f"heatmap_{_safe(method)}.png"
+        path = out / f"heatmap_{file_name_part(method)}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)

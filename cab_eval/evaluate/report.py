@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import math
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -57,6 +58,12 @@ def environment() -> dict[str, Any]:
         "date": _dt.date.today().isoformat(),
         "command": " ".join(["cab"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("cab") else " ".join(sys.argv),
     }
+
+
+def file_name_part(name: str) -> str:
+    """``name`` (a method or selector spec such as ``cab[triton]@0.9``) as a file-name part: every run of
+    characters other than letters, digits, ``_``, ``.`` and ``-`` becomes ``_``; ``method`` if nothing is left."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:

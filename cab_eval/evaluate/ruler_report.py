@@ -7,17 +7,12 @@ of a run or of its CSV read back; nothing here loads a model.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from cab_eval.evaluate.report import environment, markdown_table, write_csv, write_json, write_summary
+from cab_eval.evaluate.report import environment, file_name_part, markdown_table, write_csv, write_json, write_summary
 
 from .ruler_scoring import aggregate, paired_accuracy
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
 
 
 def summarize(trials: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -73,7 +68,7 @@ def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
         fig.tight_layout()
         if im is not None:
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
-        path = out / f"heatmap_{_safe(sel)}.png"
+        path = out / f"heatmap_{file_name_part(sel)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

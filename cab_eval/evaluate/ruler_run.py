@@ -40,7 +40,16 @@ from cab_eval.evaluate.text import parse_list, split_specs
 
 from . import ruler as R
 from .ruler_report import cell_table, summarize, write_outputs
-from .ruler_trials import TRIAL_FIELDS, TRIALS_CSV, TrialWriter, read_trials  # noqa: F401 (re-exported)
+from .ruler_trials import TRIAL_FIELDS, TRIALS_CSV, TrialWriter, read_trials
+
+# The runner's own names, then what it re-exports from its helpers (the trials file, the methods, the
+# reports) so that a caller or test needs one import.
+__all__ = [
+    "DEFAULT_TASKS", "GenerateFn", "batches_of", "build_from_args", "build_parser", "greedy_generate",
+    "load_tokenizer", "main", "rescore", "resolve_model_path", "run_trials", "text_config", "tokenizer_check",
+    "TRIAL_FIELDS", "TRIALS_CSV", "TrialWriter", "read_trials", "Method", "build_methods", "cell_table", "summarize",
+    "write_outputs",
+]
 
 DEFAULT_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "cwe", "fwe"]
 
