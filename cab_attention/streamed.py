@@ -97,8 +97,6 @@ class _Plan:
         return select_tile(prio, demote, tile.grid, budget, self.width, self.share_kv, self.use_triton)
 
 
-_OWN = ("row_tile", "col_chunk", "coarsen_chunk", "impl")
-
 
 def _plan(q, k, selector, sparsity, block_size, causal, options, row_tile, col_chunk, coarsen_chunk, impl) -> _Plan:
     check_qkv(q, k)
