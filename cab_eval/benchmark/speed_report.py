@@ -12,12 +12,11 @@ Goals are the issue's (inputs, not results); every measured number comes from th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .formatting import finite, fmt_ms, nlabel, table
-from .summary_targets import HEADLINE_S, TARGET_N, measured, value, verdict
+from .summary_targets import HEADLINE_S, TARGET_N, crossing, measured, value, verdict
 
 DENSE = "attention:sdpa-cudnn"
 #: today / previous above this ratio is "slower" in the regression table; up to it, "within noise" (the
@@ -79,18 +78,12 @@ def break_even(rows, case, s=HEADLINE_S):
             pts.append((n, t, d))
     if not pts:
         return None, "not measured"
-    faster = [t < d for _, t, d in pts]
-    if not faster[-1]:
+    i, x = crossing(pts)
+    if i is None:
         return None, f"not reached up to {nlabel(pts[-1][0])}"
-    i = len(pts) - 1
-    while i > 0 and faster[i - 1]:
-        i -= 1
-    if i == 0:
+    if x is None:
         return pts[0][0], f"at or below {nlabel(pts[0][0])} (faster at every measured N from {nlabel(pts[0][0])})"
-    (n0, t0, d0), (n1, t1, d1) = pts[i - 1], pts[i]
-    l0, l1 = math.log(t0 / d0), math.log(t1 / d1)
-    x = math.log(n0) - l0 / (l1 - l0) * (math.log(n1) - math.log(n0)) if l1 != l0 else math.log(n1)
-    return math.exp(x), f"~{math.exp(x):.0f} tokens (slower at {nlabel(n0)}, faster from {nlabel(n1)})"
+    return x, f"~{x:.0f} tokens (slower at {nlabel(pts[i - 1][0])}, faster from {nlabel(pts[i][0])})"
 
 
 def measure_target(rows, t: Target, n=TARGET_N, s=HEADLINE_S):

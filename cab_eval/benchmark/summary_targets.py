@@ -50,10 +50,31 @@ def ns_of(rows, batch=1):
     return sorted({int(r["n"]) for r in rows if int(r["batch"]) == batch})
 
 
+def crossing(pts: list[tuple[int, float, float]]) -> tuple[int | None, float | None]:
+    """Where a method overtakes dense: ``pts`` are ``(n, method_ms, dense_ms)`` by increasing ``n``.
+
+    Returns ``(i, n_cross)``: ``i`` the index of the first point from which the method is faster at every
+    later point (``None`` when it is not faster at the last one), and ``n_cross`` the log-log
+    interpolation of where the time ratio crosses 1 between points ``i - 1`` and ``i`` (``None`` when
+    ``i`` is 0 or ``None``)."""
+    faster = [t < d for _, t, d in pts]
+    if not pts or not faster[-1]:
+        return None, None
+    i = len(pts) - 1
+    while i > 0 and faster[i - 1]:
+        i -= 1
+    if i == 0:
+        return 0, None
+    (n0, t0, d0), (n1, t1, d1) = pts[i - 1], pts[i]
+    l0, l1 = math.log(t0 / d0), math.log(t1 / d1)
+    x = math.log(n0) - l0 / (l1 - l0) * (math.log(n1) - math.log(n0)) if l1 != l0 else math.log(n1)
+    return i, math.exp(x)
+
+
 def break_even(rows, total_case, s, dense_case="attention:sdpa-cudnn"):
     """``(grid_n, interpolated_n, note)``: the smallest measured N from which ``total_case`` at sparsity
     ``s`` beats ``dense_case`` at every longer measured N (B = 1), and a log-log interpolation of where
-    the ratio crosses 1 between the last slower and the first faster point."""
+    the ratio crosses 1 between the last slower and the first faster point (:func:`crossing`)."""
     pts = []
     for n in ns_of(rows):
         t, d = value(rows, total_case, n, sparsity=s), value(rows, dense_case, n)
@@ -61,19 +82,13 @@ def break_even(rows, total_case, s, dense_case="attention:sdpa-cudnn"):
             pts.append((n, t, d))
     if not pts:
         return None, None, "not measured"
-    faster = [t < d for _, t, d in pts]
-    if not faster[-1]:
+    i, x = crossing(pts)
+    if i is None:
         return None, None, f"not reached up to {nlabel(pts[-1][0])}"
-    i = len(pts) - 1
-    while i > 0 and faster[i - 1]:
-        i -= 1
     n = pts[i][0]
-    if i == 0:
+    if x is None:
         return n, None, f"at or below {nlabel(n)} (faster at every measured N)"
-    (n0, t0, d0), (n1, t1, d1) = pts[i - 1], pts[i]
-    l0, l1 = math.log(t0 / d0), math.log(t1 / d1)
-    x = math.log(n0) + (0 - l0) / (l1 - l0) * (math.log(n1) - math.log(n0)) if l1 != l0 else math.log(n1)
-    return n, math.exp(x), f"{nlabel(n)} on the grid (~{math.exp(x):.0f} interpolated)"
+    return n, x, f"{nlabel(n)} on the grid (~{x:.0f} interpolated)"
 
 
 def targets(rows, impl: str | None = None, variant: str = ""):
