@@ -154,23 +154,24 @@ def _compiled_flex(max_autotune: bool = False):
     return torch.compile(flex_attention, **kwargs)
 
 
-def compiled_flex_attention(for_backward: bool = False):
+def compiled_flex_attention(max_autotune: bool = False):
     """The library's compiled FlexAttention (static shapes, its own recompile limit), shared by every
     caller (e.g. :mod:`cab_attention.varlen`) so that the limit is counted once.
 
     Args:
-        for_backward: the compiled function for calls that will run a backward (training): Inductor's
-            max-autotune tile list, the only one whose backward takes blocks of 64 tokens or fewer at
-            head_dim 128 on Hopper (see :func:`_compiled_flex`). Compiles take longer.
+        max_autotune: the compile with Inductor's max-autotune tile list, for calls whose backward runs at
+            blocks under 128 tokens: on Hopper at head_dim 64-128 the default backward tile is 64 x 128,
+            which such blocks cannot take, and the search list has 32- and 64-wide tiles (see
+            :func:`_compiled_flex`). Compiles take longer (a tile search per new shape).
     """
-    return _compiled_flex(bool(for_backward))
+    return _compiled_flex(bool(max_autotune))
 
 
 def flex_kernel_options(block_size: int, device_type: str, for_backward: bool = False) -> dict[str, Any] | None:
     """Kernel tiles that divide the selection block size (CUDA); ``None`` elsewhere.
 
-    ``for_backward``: the tiles bind only the forward kernel (``fwd_`` keys) and the backward's are
-    left to max-autotune's search (see :func:`compiled_flex_attention`)."""
+    ``for_backward``: the tiles bind only the forward kernel (``fwd_`` keys); the backward's are Inductor's
+    (its default tile, or its search under :func:`compiled_flex_attention` ``(max_autotune=True)``)."""
     if device_type != "cuda":
         return None
     prefix = "fwd_" if for_backward else ""

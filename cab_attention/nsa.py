@@ -25,8 +25,8 @@ Execution: ``flex`` runs the selected and window branches as FlexAttention ``Blo
 (CUDA, forward and backward); ``reference`` runs them as exact dense-mask attention (any device and
 dtype, the ground truth; FlexAttention does not run float64). ``auto`` picks flex for CUDA tensors that
 are not float64. FlexAttention's block is the selection block unless ``flex_block_size`` asks for a
-coarser one (Inductor's default backward tiles need 128-token blocks on Hopper; finer blocks train
-through its slower-to-compile tile search). The compressed branch is small (``N x N/d``) and is dense-mask SDPA on both paths.
+coarser one (on Hopper at head_dim 64-128, Inductor's default backward tile needs 128-token blocks;
+finer blocks train through its slower-to-compile tile search). The compressed branch is small (``N x N/d``) and is dense-mask SDPA on both paths.
 
 Training and prefill only: q, k, v have the same length (no KV cache, no chunked prefill).
 
@@ -224,7 +224,8 @@ def coarsen_blocks(kept: torch.Tensor, full: torch.Tensor, factor: int) -> tuple
 
 
 def _flex_branch(q, k, v, kept, full, limit, bs, scale, flex_block=None):
-    """FlexAttention over ``kept`` ``[B|1, Hq|1, Mq, Mk]`` blocks, ``full`` ones skipping the mask_mod.
+    """FlexAttention over ``kept`` ``[B|1, Hq|1, Mq, Mk]`` blocks, ``full`` ones (broadcastable to it)
+    skipping the mask_mod.
 
     ``limit`` is the window (a 0-d tensor) or ``None`` for the selected branch. ``flex_block``
     (default ``bs``, a multiple of it): FlexAttention's block; a coarser block than the selection's holds
@@ -260,7 +261,7 @@ def _flex_branch(q, k, v, kept, full, limit, bs, scale, flex_block=None):
     # search per new shape). Every default backward tile in Inductor's tables is at most 128 wide, so
     # 128-token blocks keep the plain compile.
     autotune = needs_grad and flex_block < 128
-    out = compiled_flex_attention(for_backward=autotune)(
+    out = compiled_flex_attention(max_autotune=autotune)(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=flex_kernel_options(flex_block, q.device.type, for_backward=needs_grad),
     )

@@ -122,6 +122,9 @@ def _check_args(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # the module's own checks of the NSA options, before any data is read
         NSAAttention(args.hidden // args.heads, args.heads, args.kv_heads, block_size=args.block_size,
                      num_selected=args.num_selected, window=args.window, flex_block_size=args.flex_block_size)
+    if args.flex_block_size not in (None, args.block_size) and not str(args.device).startswith("cuda"):
+        raise ValueError(f"--flex-block-size sets FlexAttention's block, which NSA runs on CUDA; on {args.device} it "
+                         "runs the exact reference path (leave --flex-block-size out)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

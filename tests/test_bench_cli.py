@@ -222,7 +222,7 @@ def test_nsa_csv_section_shows_measured_and_skipped_rows(tmp_path):
     rows = nsa_report.read_nsa_csv(nsa_csv)
     coarse = [{**r, "method": r["method"] + "@flex128"} for r in rows if r["method"].startswith("nsa")]
     section = nsa_report.nsa_section(rows + coarse, nsa_csv, str)
-    assert "`<method>@flex<size>` is the same module" in section and "| `nsa@flex128` | 3.000 | 5.000 | 2.50x |" in section
+    assert "`<method>@flex<size>` is the same module" in section and "from 128 tokens on" in section and "| `nsa@flex128` | 3.000 | 5.000 | 2.50x |" in section
     bad = tmp_path / "bad.csv"
     bad.write_text("date,device,N,method\n2026-01-01,GPU X,8192,nsa\n")
     with pytest.raises(ValueError, match=r"bad\.csv.*missing columns: torch, dtype, heads"):

@@ -17,12 +17,13 @@ def load_script():
     return mod
 
 
-def test_smoke_checks_every_layout_and_times_every_method(tmp_path):
+def test_smoke_checks_both_selections_and_times_every_method(tmp_path):
+    """On the CPU the fast path is the reference, so the coarse FlexAttention layout is not claimed."""
     script = load_script()
     assert script.main(["--smoke", "--skip-train", "--out", str(tmp_path)]) == 0
     with (tmp_path / "correctness.csv").open() as f:
         corr = list(csv.DictReader(f))
-    assert {r["selection"] for r in corr} == {"nsa", "cab", "nsa@flex32"}
+    assert {r["selection"] for r in corr} == {"nsa", "cab"}
     assert all(r["pass"] == "True" for r in corr)
     with (tmp_path / "speed.csv").open() as f:
         assert {r["method"] for r in csv.DictReader(f)} == {"dense-math", "nsa", "nsa-cab", "nsa-antidiagonal"}

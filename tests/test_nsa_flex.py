@@ -43,8 +43,8 @@ def test_training_uses_the_backward_capable_compile(monkeypatch):
     assert flex_kernel_options(64, "cpu", for_backward=True) is None
     seen = []
 
-    def fake_compiled(for_backward=False):
-        seen.append(for_backward)
+    def fake_compiled(max_autotune=False):
+        seen.append(max_autotune)
         return lambda q, k, v, **kw: (seen.append(kw["kernel_options"]), q)[1]
 
     monkeypatch.setattr(nsa_mod, "compiled_flex_attention", fake_compiled)

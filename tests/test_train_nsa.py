@@ -49,6 +49,7 @@ def test_t_interval_and_variants():
     (["--variants", "dense,bogus"], "variant"),
     (["--corpus", "/nonexistent/x.txt"], "--corpus"),
     (["--flex-block-size", "24"], "flex_block_size"),
+    (["--flex-block-size", "32"], "on CUDA"),
     (["--num-selected", "1"], "num_selected"),
 ])
 def test_bad_arguments(argv, match, tmp_path):

@@ -32,7 +32,7 @@ and by host time) to ``<out>-profile/<method>-<N>.txt``: where the time goes, no
 
 Usage: ``cab bench nsa [--n 8k,16k,32k,64k] [--heads 32] [--kv-heads 8] [--head-dim 128]
 [--block-size 64] [--num-selected 16] [--window 512] [--selections nsa,cab,antidiagonal]
-[--flex-blocks 64,128] [--dense cudnn,flash] [--warmup 3] [--reps 10] [--dtype bf16] [--time-budget S]
+[--flex-blocks 128,64] [--dense cudnn,flash] [--warmup 3] [--reps 10] [--dtype bf16] [--time-budget S]
 [--out FILE.csv] [--profile] [--dry-run]``.
 """
 
@@ -125,6 +125,9 @@ class SpeedConfig:
             for s in self.selections:
                 for fb in self.flex_blocks or (None,):
                     nsa_module(s, self, torch.device("meta"), fb)
+        if self.backend != "flex" and set(self.flex_blocks) - {self.block_size}:
+            raise ValueError(f"flex_blocks other than block_size={self.block_size} need backend='flex' (the "
+                             f"{self.backend!r} path has no FlexAttention blocks), got {self.flex_blocks!r}")
 
     def nsa_layouts(self) -> tuple[int, ...]:
         """The FlexAttention block sizes to measure, in order (the NSA block when none is given)."""
@@ -310,13 +313,13 @@ def speed(cfg: SpeedConfig, dev: torch.device, log: Callable[[str], Any], deadli
                 f_ms = fb_ms = float("nan")
                 status = f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
             wall = time.time() - t0
+            mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
             if profile_dir is not None and kind == "nsa" and status == "ok":
                 try:  # a profile is a diagnosis: its failure is logged, the timing row stands
                     profile_case(fn, sets[0], dev, profile_dir / f"{method}-{n}.txt")
                 except Exception as e:  # noqa: BLE001
                     log(f"profile N={n} {method} failed: {type(e).__name__}: {e}")
             fn = None
-            mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
             add({"N": n, "method": method, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "peak_gib": mem,
                  "wall_s": wall, "status": status})
             log(f"speed N={n} {method}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms, peak {mem:.1f} GiB, "
@@ -377,8 +380,11 @@ def config_from_args(args: argparse.Namespace) -> SpeedConfig:
         "warmup": args.warmup, "reps": args.reps, "dtype": None if args.dtype is None else DTYPES[args.dtype],
         "flex_blocks": None if args.flex_blocks is None else tuple(args.flex_blocks),
     }
-    if args.flex_blocks is None and args.block_size is not None:  # the preset's sizes were for its own block
-        given["flex_blocks"] = tuple(fb for fb in base.flex_blocks if fb >= args.block_size and fb % args.block_size == 0)
+    if args.flex_blocks is None and args.block_size is not None:
+        # The preset's sizes were for its own block: that one becomes the given block, the coarser ones stay
+        # where they still are a multiple of it.
+        mapped = (args.block_size if fb == base.block_size else fb for fb in base.flex_blocks)
+        given["flex_blocks"] = tuple(dict.fromkeys(fb for fb in mapped if fb >= args.block_size and fb % args.block_size == 0))
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -79,7 +79,8 @@ def nsa_section(rows: list[dict[str, str]], csv_path: Path, rel: Callable[[Path]
     if any("@flex" in r["method"] for r in rows):
         sentence += ("`<method>@flex<size>` is the same module with FlexAttention blocks of that size (the selection "
                      "stays at the NSA block; a coarser block's mask_mod reads which of its blocks are kept): "
-                     "the same attention over more masked tiles, compiled without Inductor's backward tile search.\n")
+                     "the same attention over more masked tiles; from 128 tokens on, its backward compiles with "
+                     "Inductor's default tiles instead of the max-autotune tile search.\n")
     md.append(sentence)
     if any("host timer" in r["device"] for r in rows):
         md.append("> **These rows are a CPU dry run with host timers: they test the harness and say nothing "
