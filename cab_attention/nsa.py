@@ -236,7 +236,7 @@ def _flex_branch(q, k, v, kept, full, limit, bs, scale, flex_block=None):
     n = q.shape[2]
     if flex_block == bs:
         if limit is None:
-            limit = torch.tensor(kept.shape[-1] * bs + 1, device=q.device)
+            limit = torch.full((), kept.shape[-1] * bs + 1, device=q.device)  # a fill: no host-to-device copy, no sync
         mask_mod = _causal_window_mod(limit)
     else:
         factor = flex_block // bs
@@ -286,7 +286,8 @@ class NSAAttention(nn.Module):
         compress_hidden: hidden width of the compression MLP (default ``D``).
         selection: ``"nsa"`` or a library selector (:data:`NSA_SELECTIONS`).
         selection_options: options for a library selector (see :func:`cab_attention.select_blocks`),
-            except ``share_kv``, ``threshold``, ``return_diagnostics`` and ``impl``, which the module sets.
+            except ``share_kv``, ``threshold``, ``return_diagnostics`` and ``impl``, which the module sets;
+            ``check_finite`` defaults to ``False`` here (no host sync per call; NaN shows in the output).
         backend: ``"auto"``, ``"reference"`` or ``"flex"`` (:data:`NSA_BACKENDS`).
         flex_block_size: FlexAttention's block for the selected and window branches (``flex`` backend):
             ``block_size`` (default) or a multiple of it. A coarser block holds several selection blocks
@@ -411,7 +412,9 @@ class NSAAttention(nn.Module):
                 kc = self.compress_k(k)
             prio = nsa_block_priority(q, kc, grid, self.compress_block, self.compress_stride, self.scale)
         else:
-            opts = {"scale": self.scale, **self.selection_options}
+            # No finiteness check by default: it is a host sync per layer and step, and in training a NaN
+            # shows in the loss anyway (selection_options may turn it back on).
+            opts = {"scale": self.scale, "check_finite": False, **self.selection_options}
             sel = select_blocks(
                 q.detach(), k.detach(), selector=self.selection, sparsity=0.0, block_size=self.block_size,
                 share_kv=True, return_diagnostics=True, **opts,
@@ -452,7 +455,7 @@ class NSAAttention(nn.Module):
             below = torch.arange(grid.num_kv_blocks, device=q.device)[None, :] < i
             fb = self.flex_block_size
             o_slc = _flex_branch(q, k, v, kept_q, below, None, bs, self.scale, fb)
-            limit = torch.tensor(self.window, device=q.device)
+            limit = torch.full((), self.window, device=q.device)  # a fill: no host-to-device copy, no sync
             o_win = _flex_branch(q, k, v, touched[None, None], full_win[None, None], limit, bs, self.scale, fb)
         else:
             pos = torch.arange(n, device=q.device)

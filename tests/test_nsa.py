@@ -194,3 +194,17 @@ def test_bad_forward_inputs():
         NSAAttention(8, 4, 2, block_size=8, backend="flex").double()(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="no backward on CPU"):
         NSAAttention(8, 4, 2, block_size=8, backend="flex")(q, k, v)
+
+
+def test_library_selection_skips_the_finiteness_sync_unless_asked():
+    """In training a NaN shows in the loss; the check costs a host sync per layer and step, so NSA turns it
+    off for library selectors, and ``selection_options`` can turn it back on."""
+    q, k, v = (torch.randn(1, 2, 32, 8, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 5, 0] = float("nan")
+    k, v = k[:, :1], v[:, :1]
+    quiet = NSAAttention(8, 2, 1, block_size=8, num_selected=2, window=8, selection="cab", backend="reference").double()
+    assert torch.isnan(quiet(q, k, v)).any()
+    strict = NSAAttention(8, 2, 1, block_size=8, num_selected=2, window=8, selection="cab", backend="reference",
+                          selection_options={"check_finite": True}).double()
+    with pytest.raises(ValueError, match="q holds NaN"):
+        strict(q, k, v)
