@@ -29,7 +29,7 @@ def read(path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-@pytest.mark.parametrize("what", ["predictor", "attention"])
+@pytest.mark.parametrize("what", ["predictor", "attention", "varlen", "distributed"])
 def test_refuses_without_cuda(what, capsys):
     assert cab_main(["bench", what]) == 2
     err = capsys.readouterr().err
@@ -39,6 +39,12 @@ def test_refuses_without_cuda(what, capsys):
 def test_cpu_needs_tiny(capsys):
     assert cab_main(["bench", "predictor", "--device", "cpu"]) == 2
     assert "--tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["varlen", "distributed"])
+def test_cpu_is_for_the_dry_run_only(what, capsys):
+    assert cab_main(["bench", what, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"cab bench {what}: --device cpu is for --dry-run only (host timers)"
 
 
 def test_dry_run_writes_labelled_csv_and_merges(tmp_path):

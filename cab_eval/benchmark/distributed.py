@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device == "cuda"
     import torch
 
-    if cuda and not torch.cuda.is_available():
-        print("cab bench distributed: CUDA is not available; use --dry-run for a tiny CPU run over gloo", file=sys.stderr)
-        return 2
-    if not cuda and not args.dry_run:
-        print("cab bench distributed: --device cpu is for --dry-run only (host timers)", file=sys.stderr)
+    from .timing import device_refusal  # torch is imported on use here, not with the module
+
+    refusal = device_refusal("cab bench distributed", cuda, args.dry_run, "use --dry-run for a tiny CPU run over gloo")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     tiny = not cuda
     n_list = args.lengths or ([256, 512] if tiny else [32768, 131072])

@@ -52,6 +52,20 @@ def setup_torch(cuda: bool) -> Callable[[], None]:
     return restore
 
 
+def device_refusal(prog: str, cuda: bool, dry_run: bool, no_cuda_hint: str) -> str | None:
+    """Why a command with its own ``--dry-run`` must refuse the device it was given, or ``None``.
+
+    ``cuda`` without CUDA gets ``"<prog>: CUDA is not available; <no_cuda_hint>"`` (each command names
+    its own dry run); ``--device cpu`` outside a dry run is refused because host timings are for
+    testing the command only. ``cab bench predictor|attention`` check their own ``--tiny`` rule in
+    :func:`~cab_eval.benchmark.cli.resolve`."""
+    if cuda and not torch.cuda.is_available():
+        return f"{prog}: CUDA is not available; {no_cuda_hint}"
+    if not cuda and not dry_run:
+        return f"{prog}: --device cpu is for --dry-run only (host timers)"
+    return None
+
+
 class Budget:
     """Wall-time budget. A case's cost is predicted from the last case of the same name: its warm-up
     call (compile, autotune; not scaled) plus the timing loop, about ``10 t + warmup + rep`` with ``t``

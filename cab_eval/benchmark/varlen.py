@@ -43,6 +43,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .timing import device_refusal
+
 COLUMNS = [
     "case", "batch", "total_tokens", "min_len", "max_len", "heads", "kv_heads", "head_dim", "dtype", "block_size",
     "selector", "sparsity", "density", "ms", "peak_mb", "device", "torch", "date", "status",
@@ -126,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         args.device = "cpu"
     cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("cab bench varlen: CUDA is not available; --dry-run runs a tiny CPU batch (tests the command only)", file=sys.stderr)
-        return 2
-    if not cuda and not args.dry_run:
-        print("cab bench varlen: --device cpu is for --dry-run only (host timers)", file=sys.stderr)
+    refusal = device_refusal("cab bench varlen", cuda, args.dry_run,
+                             "--dry-run runs a tiny CPU batch (tests the command only)")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     tiny = not cuda
     batch = args.batch or (4 if tiny else 32)
