@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .formatting import finite
 from .timing import bench_ms, free_memory, is_oom, peak_mb, sync
 
 
@@ -179,6 +180,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def measured(r: dict[str, Any]) -> bool:
+    """Whether row ``r`` holds a measurement: its status is ``ok...`` (or absent) and its ``ms`` is finite."""
+    return r.get("status", "ok").startswith("ok") and finite(r.get("ms")) is not None
 
 
 def write_results(path: Path, rows: Iterable[dict[str, Any]], fresh: bool = False) -> Path:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plotting import MARKERS, coincidences, legend_label, line_style
-from .io import read_csv
+from .io import measured, read_csv
 
 STAGES = ("coarsen", "score", "select", "mask")
 
 
 def ok_rows(rows):
-    return [r for r in rows if r.get("status", "ok").startswith("ok") and r.get("ms") not in ("", None)]
+    """The rows of ``rows`` that hold a measurement (:func:`~.io.measured`)."""
+    return [r for r in rows if measured(r)]
 
 
 def _f(x, default=None):

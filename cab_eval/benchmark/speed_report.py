@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formatting import finite, fmt_ms, nlabel, table
-from .summary_targets import HEADLINE_S, TARGET_N, crossing, measured, value, verdict
+from .io import measured
+from .summary_targets import HEADLINE_S, TARGET_N, crossing, value, verdict
 
 DENSE = "attention:sdpa-cudnn"
 #: today / previous above this ratio is "slower" in the regression table; up to it, "within noise" (the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from .formatting import finite, fmt_ms, nlabel
+from .io import measured
 from .plots import pick_impl
 
 HEADLINE_S = 0.95
@@ -27,15 +28,10 @@ def _same_s(r, s):
     return v is not None and abs(v - s) < 1e-9
 
 
-def measured(r) -> bool:
-    """Whether row ``r`` holds a measurement: its status is ``ok...`` (or absent) and its ``ms`` is finite."""
-    return r.get("status", "ok").startswith("ok") and finite(r.get("ms")) is not None
-
-
 def value(rows, case, n, *, batch=1, sparsity=None, key="ms", ok_only=False):
     """The ``key`` column of the first row of ``case`` at ``(n, batch, sparsity)`` as a finite float, or ``None``.
 
-    ``ok_only`` skips rows that are not :func:`measured` (skipped or failed cases) and reads the first
+    ``ok_only`` skips rows that are not :func:`~.io.measured` (skipped or failed cases) and reads the first
     measured one; without it the first matching row answers whatever its status (the page's main tables
     are built from rows already filtered)."""
     for r in rows:
