@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formatting import finite, fmt_ms, nlabel, table
-from .io import measured
+from .io import measured, slugify
 from .summary_targets import HEADLINE_S, TARGET_N, crossing, value, verdict
 
 DENSE = "attention:sdpa-cudnn"
@@ -303,7 +303,5 @@ def sections(today, previous, plot_dir: Path | None, rel) -> str:
 
 
 def _slug(rows) -> str:
-    import re
-
     r = rows[0] if rows else {}
-    return re.sub(r"[^a-z0-9]+", "-", f"{r.get('device', 'device')}-{r.get('date', '')}".lower()).strip("-")
+    return slugify(f"{r.get('device', 'device')}-{r.get('date', '')}")
