@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from .report import RowsFile, file_name_part, markdown_table, wilson, write_csv, write_json, write_summary
+from .report import RowsFile, accuracy_panel, file_name_part, markdown_table, wilson, write_csv, write_json, write_summary
 
 # Columns of passkey_trials.csv that hold text, read back as strings.
 TEXT_FIELDS = ("method", "selector", "output")
@@ -53,15 +51,8 @@ def plot_heatmaps(payload: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(levels), figsize=(1.2 + 0.9 * len(lengths) * len(levels) + 0.8, 0.6 * len(depths) + 1.6),
                                  squeeze=False)
         for ax, s in zip(axes[0], levels):
-            grid = torch.full((len(depths), len(lengths)), float("nan"))
             cell = {(r["depth"], r["length"]): r for r in mine if r["sparsity"] == s}
-            for i, d in enumerate(depths):
-                for j, L in enumerate(lengths):
-                    r = cell.get((d, L))
-                    if r is not None:
-                        grid[i, j] = r["accuracy"]
-                        ax.text(j, i, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=8)
-            im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            im = accuracy_panel(ax, cell, depths, lengths, fontsize=8)
             ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=8)
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=8)
             ax.set_xlabel("context length (tokens)")

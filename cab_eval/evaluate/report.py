@@ -66,6 +66,21 @@ def file_name_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "method"
 
 
+def accuracy_panel(ax: Any, cell: dict[tuple[Any, Any], dict[str, Any]], depths: Sequence[Any],
+                   lengths: Sequence[Any], fontsize: float) -> Any:
+    """One heatmap panel of retrieval accuracy: depth (rows) x length (columns), each measured cell
+    coloured by ``accuracy`` and labelled ``correct/total``, unmeasured cells blank. ``cell`` maps
+    ``(depth, length)`` to a row with those keys. Returns the image (for a colour bar)."""
+    grid = np.full((max(1, len(depths)), len(lengths)), np.nan)
+    for a, d in enumerate(depths):
+        for b, length in enumerate(lengths):
+            r = cell.get((d, length))
+            if r is not None:
+                grid[a, b] = r["accuracy"]
+                ax.text(b, a, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=fontsize)
+    return ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")

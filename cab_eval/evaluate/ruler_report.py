@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from cab_eval.evaluate.report import environment, file_name_part, markdown_table, write_csv, write_json, write_summary
+from cab_eval.evaluate.report import accuracy_panel, environment, file_name_part, markdown_table, write_csv, write_json, write_summary
 
 from .ruler_scoring import aggregate, paired_accuracy
 
@@ -35,7 +35,6 @@ def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     rows = aggregate(trials, ("selector", "sparsity", "task", "length", "depth"))
     lengths = sorted({r["length"] for r in rows})
@@ -52,14 +51,7 @@ def plot_heatmaps(trials: list[dict[str, Any]], out: Path) -> list[Path]:
             for j, s in enumerate(levels):
                 ax = axes[i][j]
                 cell = {(r["depth"], r["length"]): r for r in mine if r["sparsity"] == s and r["task"] == task}
-                grid = np.full((max(1, len(depths)), len(lengths)), np.nan)
-                for a, d in enumerate(depths):
-                    for b, L in enumerate(lengths):
-                        r = cell.get((d, L))
-                        if r is not None:
-                            grid[a, b] = r["accuracy"]
-                            ax.text(b, a, f"{r['correct']}/{r['total']}", ha="center", va="center", fontsize=7)
-                im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+                im = accuracy_panel(ax, cell, depths, lengths, fontsize=7)
                 ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
                 ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths], fontsize=7)
                 dens = [r["density"] for r in cell.values()]
