@@ -155,20 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     prev_rows = read_csv(previous) if previous else []
     if previous:
         command += f" --previous {previous}"
-    model_rows = []
-    if args.model_csv is not None:
-        if not args.model_csv.is_file():
-            print(f"summary: --model-csv {args.model_csv} does not exist", file=sys.stderr)
-            return 2
-        model_rows = read_csv(args.model_csv)
-        command += f" --model-csv {args.model_csv}"
-    nsa_rows = []
-    if args.nsa_csv is not None:
-        if not args.nsa_csv.is_file():
-            print(f"summary: --nsa-csv {args.nsa_csv} does not exist", file=sys.stderr)
-            return 2
-        nsa_rows = read_nsa_csv(args.nsa_csv)
-        command += f" --nsa-csv {args.nsa_csv}"
+    section_rows = {}  # the optional sections' CSVs, read in the order the command line names them
+    for flag, path, reader in (("--model-csv", args.model_csv, read_csv), ("--nsa-csv", args.nsa_csv, read_nsa_csv)):
+        section_rows[flag] = []
+        if path is not None:
+            if not path.is_file():
+                print(f"summary: {flag} {path} does not exist", file=sys.stderr)
+                return 2
+            section_rows[flag] = reader(path)
+            command += f" {flag} {path}"
+    model_rows, nsa_rows = section_rows["--model-csv"], section_rows["--nsa-csv"]
     plot_dir = None if args.no_plots else (args.plots_dir or Path(csv_path).parent)
     args.out.write_text(render(all_rows, Path(csv_path), plots, args.out, command, prev_rows, plot_dir,
                                model_rows, args.model_csv, nsa_rows, args.nsa_csv))
