@@ -47,7 +47,7 @@ from torch import nn
 
 from .execute import compiled_flex_attention, flex_kernel_options
 from .geometry import BlockGrid, check_block_size, check_qkv
-from .options import SELECTORS, resolve_options
+from .options import SELECTORS, check_int_at_least, resolve_options
 from .select import keep_first, rank_order, select_blocks
 from .selection import kv_layout
 
@@ -59,12 +59,6 @@ NSA_BACKENDS = ("auto", "reference", "flex")
 # Options the module sets itself for a library selector: one mask per KV head (NSA's GQA sharing), the
 # fixed budget (no adaptive threshold), the rank order from the diagnostics, the torch path.
 _RESERVED_OPTIONS = ("share_kv", "threshold", "return_diagnostics", "impl")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def num_compressed(seq_len: int, block_len: int, stride: int) -> int:
@@ -315,24 +309,24 @@ class NSAAttention(nn.Module):
         scale: float | None = None,
     ):
         super().__init__()
-        self.head_dim = _positive_int("head_dim", head_dim)
-        self.q_heads = _positive_int("q_heads", q_heads)
-        self.kv_heads = _positive_int("kv_heads", kv_heads)
+        self.head_dim = check_int_at_least("head_dim", head_dim)
+        self.q_heads = check_int_at_least("q_heads", q_heads)
+        self.kv_heads = check_int_at_least("kv_heads", kv_heads)
         if q_heads % kv_heads:
             raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
         check_block_size(block_size)
         self.block_size = block_size
-        self.num_selected = _positive_int("num_selected", num_selected, 2)
-        self.window = _positive_int("window", window)
-        self.compress_block = _positive_int("compress_block", block_size if compress_block is None else compress_block)
-        self.compress_stride = _positive_int("compress_stride", block_size if compress_stride is None else compress_stride)
+        self.num_selected = check_int_at_least("num_selected", num_selected, 2)
+        self.window = check_int_at_least("window", window)
+        self.compress_block = check_int_at_least("compress_block", block_size if compress_block is None else compress_block)
+        self.compress_stride = check_int_at_least("compress_stride", block_size if compress_stride is None else compress_stride)
         if self.compress_stride > self.compress_block:
             raise ValueError(
                 f"compress_stride ({self.compress_stride}) must be <= compress_block ({self.compress_block}): "
                 "a larger stride leaves tokens out of every compressed block"
             )
         if compress_hidden is not None:
-            _positive_int("compress_hidden", compress_hidden)
+            check_int_at_least("compress_hidden", compress_hidden)
         if selection not in NSA_SELECTIONS:
             raise ValueError(f"selection must be one of {NSA_SELECTIONS}, got {selection!r}")
         options = dict(selection_options or {})
@@ -349,7 +343,7 @@ class NSAAttention(nn.Module):
         if backend not in NSA_BACKENDS:
             raise ValueError(f"backend must be one of {NSA_BACKENDS}, got {backend!r}")
         self.backend = backend
-        self.flex_block_size = block_size if flex_block_size is None else _positive_int("flex_block_size", flex_block_size)
+        self.flex_block_size = block_size if flex_block_size is None else check_int_at_least("flex_block_size", flex_block_size)
         factor, rest = divmod(self.flex_block_size, block_size)
         if rest or factor & (factor - 1):  # FlexAttention blocks are powers of two, like the selection's
             raise ValueError(f"flex_block_size must be block_size={block_size} times a power of two, got {flex_block_size}")

@@ -80,6 +80,13 @@ def positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_int_at_least(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` when it is an int (not a bool) of at least ``minimum``, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def positive_or_none(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0):
         raise ValueError(f"{name} must be None or a positive number, got {value!r}")

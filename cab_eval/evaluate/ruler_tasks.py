@@ -33,6 +33,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from cab_attention.options import check_int_at_least
+
 from .ruler_haystack import (HAYSTACKS, NOISE_SENTENCES, Haystack, corpus_sentences, corpus_texts, corpus_words,
                              encode)
 from .text import coerce_value
@@ -126,20 +128,15 @@ def parse_task_spec(spec: str) -> TaskSpec:
     return TaskSpec(name, tuple(sorted(opts.items())))
 
 
-def _positive_int(name: str, v: Any, low: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-
-
 def _check_task_options(task: str, o: dict[str, Any]) -> None:
     if "haystack" in o and o["haystack"] not in HAYSTACKS:
         raise ValueError(f"{task}: haystack must be one of {HAYSTACKS}, got {o['haystack']!r}")
     for k in ("keys", "values", "chains", "hops", "words", "word_len", "top"):
         if k in o:
-            _positive_int(f"{task}: {k}", o[k], 2 if k in ("keys", "values", "word_len") else 1)
+            check_int_at_least(f"{task}: {k}", o[k], 2 if k in ("keys", "values", "word_len") else 1)
     for k in ("common", "rare"):
         if o.get(k) is not None:
-            _positive_int(f"{task}: {k}", o[k])
+            check_int_at_least(f"{task}: {k}", o[k])
     if o.get("common") is not None and o.get("rare") is not None and o["common"] <= o["rare"]:
         raise ValueError(f"{task}: common ({o['common']}) must exceed rare ({o['rare']})")
     if "alpha" in o and (isinstance(o["alpha"], bool) or not isinstance(o["alpha"], (int, float)) or o["alpha"] <= 1):
@@ -250,7 +247,7 @@ class RulerBuilder:
     # -- one prompt -------------------------------------------------------------------------------
     def build(self, spec: TaskSpec, length: int, depth: float | None, sample: int, seed: int = 0) -> RulerPrompt:
         """One prompt of ``length`` tokens (exactly, or a few tokens short for CWE/FWE)."""
-        _positive_int("length", length, 64)
+        check_int_at_least("length", length, 64)
         if spec.name in DEPTH_TASKS:
             if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
                 raise ValueError(f"depth must be a number in [0, 1] for {spec.name}, got {depth!r}")
@@ -480,7 +477,7 @@ def build_prompts(builder: RulerBuilder, tasks: Sequence[TaskSpec], lengths: Seq
                   samples: int, seed: int = 0) -> list[RulerPrompt]:
     """Every (sample, length, task, depth) prompt, sample-major: a run cut short still covers every
     cell with its first samples."""
-    _positive_int("samples", samples)
+    check_int_at_least("samples", samples)
     if not tasks or not lengths or not depths:
         raise ValueError("tasks, lengths and depths must not be empty")
     out = []
