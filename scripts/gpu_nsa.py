@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from cab_attention.nsa import NSAAttention  # noqa: E402
 from cab_eval.benchmark.nsa import dry_run_config, gpu_config, plot_speed, speed  # noqa: E402
+from cab_eval.evaluate.report import write_csv  # noqa: E402
 
 
 class Tee:
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     except Exception:
         log("correctness: ERROR\n" + traceback.format_exc())
         corr = [{"selection": "all", "tensor": "all", "pass": False, "error": traceback.format_exc().splitlines()[-1]}]
-    _write(out / "correctness.csv", corr)
+    write_csv(out / "correctness.csv", corr)
     log(f"[{time.time() - t_start:.0f} s] correctness done")
 
     rows = []
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     else:
         speed_deadline = t_start + (args.budget * args.speed_share if not args.skip_train else args.budget)
         rows = speed(speed_cfg, dev, log, speed_deadline)
-        _write(out / "speed.csv", rows)
+        write_csv(out / "speed.csv", rows)
         try:
             plot_speed(rows, out / "speed.png")
         except Exception as e:
@@ -222,16 +223,6 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
         print(f"packed {out}.tar.gz")
     return 0
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":
